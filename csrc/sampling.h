@@ -1,0 +1,143 @@
+// Sampling math of the N-D deformable convolution, shared by the CPU and CUDA kernels.
+//
+// Everything here is header-only and compiles as host code and as CUDA device code, so the
+// interpolation and its gradient exist exactly once. Templated on the number of spatial
+// dimensions D (1, 2 or 3).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DCN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DCN_HOST_DEVICE inline
+#endif
+
+namespace dcnlab {
+
+// Shape and hyper-parameters of one deformable convolution, flattened for kernels.
+template <int D>
+struct ConvGeometry {
+  int64_t batch;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t groups;          // convolution groups
+  int64_t offset_groups;   // G in the op contract
+  int64_t in_size[D];
+  int64_t out_size[D];
+  int64_t kernel[D];
+  int64_t stride[D];
+  int64_t padding[D];
+  int64_t dilation[D];
+  int64_t in_plane;       // prod(in_size): elements of one input channel
+  int64_t out_plane;      // prod(out_size): L, output positions per channel
+  int64_t kernel_points;  // prod(kernel): K
+
+  DCN_HOST_DEVICE int64_t channels_per_offset_group() const { return in_channels / offset_groups; }
+};
+
+// The 2^D interpolation corners of one sample point.
+//
+// Corners outside the input keep weight 0 and index 0, so loops over corners need no branch
+// and never read out of bounds (the input plane is never empty: the op rejects empty inputs).
+template <int D, typename coord_t>
+struct Stencil {
+  static constexpr int kCorners = 1 << D;
+  int64_t index[kCorners];  // flat offset of the corner within one input channel plane
+  coord_t weight[kCorners];  // N-linear weight, 0 where the corner lies outside
+  coord_t frac[D];           // position within the cell along each axis
+  bool inside[kCorners];
+};
+
+// Sample position of kernel point `kernel_point` for output position `out_index` along each
+// axis: out * stride - padding + k * dilation + offset. `offset` points at the displacement
+// along axis 0; axis a is at offset[a * axis_stride].
+template <int D, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE void sample_position(const ConvGeometry<D>& geo, int64_t out_index, int64_t kernel_point,
+                                     const scalar_t* offset, int64_t axis_stride, coord_t (&pos)[D]) {
+  for (int a = D - 1; a >= 0; --a) {
+    const int64_t o = out_index % geo.out_size[a];
+    out_index /= geo.out_size[a];
+    const int64_t k = kernel_point % geo.kernel[a];
+    kernel_point /= geo.kernel[a];
+    pos[a] = static_cast<coord_t>(o * geo.stride[a] - geo.padding[a] + k * geo.dilation[a]) +
+             static_cast<coord_t>(offset[a * axis_stride]);
+  }
+}
+
+// Builds the stencil of a sample point. A point outside (-1, size) along any axis, or with a
+// non-finite coordinate, gets all weights 0: it contributes nothing, and neither does its
+// gradient. The range test comes before any float-to-int conversion, so huge or NaN
+// coordinates never reach one.
+template <int D, typename coord_t>
+DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_size)[D], Stencil<D, coord_t>& s) {
+  bool in_range = true;
+  for (int a = 0; a < D; ++a) {
+    in_range = in_range && (pos[a] > coord_t(-1)) && (pos[a] < static_cast<coord_t>(in_size[a]));
+  }
+  int64_t low[D];
+  for (int a = 0; a < D; ++a) {
+    if (in_range) {
+      const coord_t fl = floor(pos[a]);
+      low[a] = static_cast<int64_t>(fl);
+      s.frac[a] = pos[a] - fl;
+    } else {
+      low[a] = 0;
+      s.frac[a] = 0;
+    }
+  }
+  for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
+    int64_t index = 0;
+    coord_t weight = 1;
+    bool inside = in_range;
+    for (int a = 0; a < D; ++a) {
+      const int bit = (c >> (D - 1 - a)) & 1;
+      const int64_t q = low[a] + bit;
+      inside = inside && q >= 0 && q < in_size[a];
+      index = index * in_size[a] + q;
+      weight *= bit ? s.frac[a] : coord_t(1) - s.frac[a];
+    }
+    s.inside[c] = inside;
+    s.index[c] = inside ? index : 0;
+    s.weight[c] = inside ? weight : coord_t(0);
+  }
+}
+
+// Interpolated value of one channel plane at the stencil's point.
+template <int D, typename acc_t, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane) {
+  acc_t value = 0;
+  for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
+    value += static_cast<acc_t>(s.weight[c]) * static_cast<acc_t>(plane[s.index[c]]);
+  }
+  return value;
+}
+
+// Interpolated value and its derivative with respect to the sample position along each axis.
+// The derivative of a corner weight along axis a is +-prod of the other axes' factors.
+template <int D, typename acc_t, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& s, const scalar_t* plane,
+                                                     acc_t (&grad_pos)[D]) {
+  acc_t value = 0;
+  for (int a = 0; a < D; ++a) grad_pos[a] = 0;
+  for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
+    const acc_t v = s.inside[c] ? static_cast<acc_t>(plane[s.index[c]]) : acc_t(0);
+    value += static_cast<acc_t>(s.weight[c]) * v;
+    for (int a = 0; a < D; ++a) {
+      acc_t factor = v;
+      for (int i = 0; i < D; ++i) {
+        const int bit = (c >> (D - 1 - i)) & 1;
+        if (i == a) {
+          factor = bit ? factor : -factor;
+        } else {
+          factor *= bit ? static_cast<acc_t>(s.frac[i]) : acc_t(1) - static_cast<acc_t>(s.frac[i]);
+        }
+      }
+      grad_pos[a] += factor;
+    }
+  }
+  return value;
+}
+
+}  // namespace dcnlab

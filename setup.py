@@ -1,0 +1,62 @@
+"""Builds dcnlab._C, the compiled deformable convolution op.
+
+CUDA sources are compiled when nvcc and a CUDA build of torch are present. DCNLAB_WITH_CUDA=1
+forces them on, DCNLAB_WITH_CUDA=0 off. TORCH_CUDA_ARCH_LIST overrides the default archs
+(sm_80 and sm_90).
+"""
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The nvcc on PATH may be a wrapper script outside the toolkit, which makes torch guess a
+# CUDA_HOME without headers; prefer the real toolkit folder when it exists.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/include"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def with_cuda() -> bool:
+    forced = os.environ.get("DCNLAB_WITH_CUDA")
+    if forced is not None:
+        return forced.strip().lower() not in ("0", "false", "no", "off", "")
+    has_nvcc = shutil.which("nvcc") is not None or os.path.exists(
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc")
+    )
+    return has_nvcc and torch.version.cuda is not None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]
+    if with_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        return CUDAExtension(
+            "dcnlab._C",
+            sources,
+            define_macros=[("DCNLAB_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    return CppExtension(
+        "dcnlab._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
