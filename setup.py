@@ -32,17 +32,42 @@ def with_cuda() -> bool:
     return has_nvcc and torch.version.cuda is not None
 
 
+def cuda_wheel_include_dirs() -> list[str]:
+    """Headers of the CUDA libraries (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include.
+
+    A toolkit may ship without them while the nvidia-* wheels that torch depends on carry them.
+    They are searched after the toolkit's own headers.
+    """
+    try:
+        import nvidia  # the namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    toolkit = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    dirs = []
+    for root in nvidia.__path__:
+        for include in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(include, "cusparse.h")) and not os.path.exists(
+                os.path.join(toolkit, "cusparse.h")
+            ):
+                dirs.append(include)
+    return dirs
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]
     if with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        fallback_includes = [flag for d in cuda_wheel_include_dirs() for flag in ("-idirafter", d)]
         return CUDAExtension(
             "dcnlab._C",
             sources,
             define_macros=[("DCNLAB_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={
+                "cxx": cxx_flags + fallback_includes,
+                "nvcc": ["-O3", "-lineinfo"] + [f"-Xcompiler={flag}" for flag in fallback_includes],
+            },
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )

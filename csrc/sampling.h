@@ -140,4 +140,23 @@ DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& 
   return value;
 }
 
+// Row of kernel point k of offset group g of sample b in the mask, (B, G*K, L) seen as
+// (B*G*K, L); the offset tensor holds D rows per such row.
+template <int D>
+DCN_HOST_DEVICE int64_t point_row(const ConvGeometry<D>& geo, int64_t b, int64_t g, int64_t k) {
+  return (b * geo.offset_groups + g) * geo.kernel_points + k;
+}
+
+// Stencil of sample point (b, g, k, l) and its modulation (1 when mask is null).
+template <int D, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE coord_t load_sample_point(const ConvGeometry<D>& geo, const scalar_t* offset, const scalar_t* mask,
+                                          int64_t b, int64_t g, int64_t k, int64_t l, Stencil<D, coord_t>& s) {
+  const int64_t L = geo.out_plane;
+  const int64_t row = point_row(geo, b, g, k);
+  coord_t pos[D];
+  sample_position(geo, l, k, offset + row * D * L + l, L, pos);
+  build_stencil(pos, geo.in_size, s);
+  return mask ? static_cast<coord_t>(mask[row * L + l]) : coord_t(1);
+}
+
 }  // namespace dcnlab

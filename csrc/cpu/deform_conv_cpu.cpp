@@ -26,18 +26,12 @@ struct PointTile {
 
   void load(const ConvGeometry<D>& geo, const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t g,
             int64_t first_point, int64_t b_local, int64_t chunk) {
-    const int64_t K = geo.kernel_points;
     const int64_t L = geo.out_plane;
-    count = std::min(kTilePoints, K * L - first_point);
-    const int64_t group_base = (b * geo.offset_groups + g) * K;
+    count = std::min(kTilePoints, geo.kernel_points * L - first_point);
     for (int64_t t = 0; t < count; ++t) {
-      const int64_t j = first_point + t;
-      const int64_t k = j / L;
-      const int64_t l = j % L;
-      coord_t pos[D];
-      sample_position(geo, l, k, offset + (group_base + k) * D * L + l, L, pos);
-      build_stencil(pos, geo.in_size, stencil[t]);
-      modulation[t] = mask ? static_cast<coord_t>(mask[group_base * L + j]) : coord_t(1);
+      const int64_t k = (first_point + t) / L;
+      const int64_t l = (first_point + t) % L;
+      modulation[t] = load_sample_point(geo, offset, mask, b, g, k, l, stencil[t]);
       column[t] = (k * chunk + b_local) * L + l;
     }
   }
@@ -99,7 +93,6 @@ struct CpuSampler {
     const auto units = tile_units(geo);
     const int64_t per_group = geo.channels_per_offset_group();
     const int64_t channel_stride = geo.kernel_points * n * geo.out_plane;
-    const int64_t K = geo.kernel_points;
     const int64_t L = geo.out_plane;
     at::parallel_for(0, units.count(n), 1, [&](int64_t begin, int64_t end) {
       PointTile<D, scalar_t> tile;
@@ -126,17 +119,16 @@ struct CpuSampler {
             for (int a = 0; a < D; ++a) grad_pos[t][a] += grad * dvalue[a];
           }
         }
-        const int64_t group_base = (b * geo.offset_groups + g) * K;
         for (int64_t t = 0; t < tile.count; ++t) {
-          const int64_t j = first_point + t;
-          const int64_t k = j / L;
-          const int64_t l = j % L;
+          const int64_t k = (first_point + t) / L;
+          const int64_t l = (first_point + t) % L;
+          const int64_t row = point_row(geo, b, g, k);
           if (grad_offset) {
             for (int a = 0; a < D; ++a) {
-              grad_offset[((group_base + k) * D + a) * L + l] = static_cast<scalar_t>(grad_pos[t][a] * tile.modulation[t]);
+              grad_offset[(row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[t][a] * tile.modulation[t]);
             }
           }
-          if (grad_mask) grad_mask[group_base * L + j] = static_cast<scalar_t>(grad_mod[t]);
+          if (grad_mask) grad_mask[row * L + l] = static_cast<scalar_t>(grad_mod[t]);
         }
       }
     });

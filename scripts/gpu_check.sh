@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One command for the lent GPU machine (../shared/DEVICE.md): build the extension there for
+# Hopper, run the GPU tests, run compute-sanitizer memcheck on a small forward+backward, and
+# benchmark. Full logs go to $OUT (default /tmp/gpu_check); a short summary is printed last.
+#
+#   bash scripts/gpu_check.sh            # everything
+#   SKIP_BENCH=1 bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .device ] && ls .device/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+
+status=()
+python3 -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)' | tee "$OUT/device.txt"
+
+start=$(date +%s)
+if TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} DCNLAB_WITH_CUDA=1 \
+  python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  status+=("build: ok ($(($(date +%s) - start)) s)")
+else
+  tail -n 60 "$OUT/build.log"
+  echo "build: FAILED (see build.log)"
+  exit 1
+fi
+
+python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1
+rc=$?
+status+=("gpu tests: $(tail -n 1 "$OUT/gpu_tests.log") (exit $rc)")
+[ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -n 30
+
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/memcheck_case.py >"$OUT/memcheck.log" 2>&1
+  rc=$?
+  status+=("memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1) (exit $rc)")
+else
+  status+=("memcheck: compute-sanitizer not found")
+fi
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+  python3 scripts/bench_op.py --device cuda --md "$OUT/bench.md" --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+    ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+  status+=("bench: exit $? (bench.md)")
+  cat "$OUT/bench.md" 2>/dev/null
+fi
+
+printf '\n== summary ==\n'
+printf '%s\n' "${status[@]}"

@@ -1,0 +1,50 @@
+"""A small forward+backward of every dim and dtype on CUDA, for compute-sanitizer memcheck.
+
+Offsets include points far outside the input and non-finite values, so the bounds handling is
+exercised too. Exits non-zero if a result is non-finite.
+"""
+
+import torch
+
+import dcnlab.ops
+
+
+def run_case(dims: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(dims)
+    kernel = (3,) * dims
+    in_size = (7, 6, 5)[:dims]
+    batch, channels, offset_groups = 2, 4, 2
+    out_size = in_size  # stride 1, padding 1, 3-wide kernel
+    points = 3**dims
+    shape = (batch, offset_groups * points * dims, *out_size)
+    offset = torch.randn(shape, device="cuda", generator=generator) * 4
+    offset.view(-1)[::7] = 1e6
+    offset.view(-1)[1::11] = float("nan")
+    offset.view(-1)[2::13] = float("-inf")
+    tensors = {
+        "input": torch.randn(batch, channels, *in_size, device="cuda", generator=generator),
+        "offset": offset,
+        "weight": torch.randn(6, channels // 2, *kernel, device="cuda", generator=generator),
+        "bias": torch.randn(6, device="cuda", generator=generator),
+        "mask": torch.rand(batch, offset_groups * points, *out_size, device="cuda", generator=generator),
+    }
+    tensors = {name: t.to(dtype).requires_grad_() for name, t in tensors.items()}
+    out = dcnlab.ops.deform_conv(
+        tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"], 1, 1, 1, tensors["mask"]
+    )
+    grads = torch.autograd.grad(out.float().square().sum(), list(tensors.values()))
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), f"non-finite output for {dims}-D {dtype}"
+    for name, grad in zip(tensors, grads, strict=True):
+        assert torch.isfinite(grad).all(), f"non-finite grad of {name} for {dims}-D {dtype}"
+
+
+def main() -> None:
+    for dims in (1, 2, 3):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            run_case(dims, dtype)
+    print("memcheck cases ran: 3 dims x 4 dtypes, forward and backward")
+
+
+if __name__ == "__main__":
+    main()
