@@ -40,7 +40,10 @@ def deform_conv_reference(
     kernel = list(weight.shape[2:])
     groups = in_channels // group_channels
     kernel_points = math.prod(kernel)
-    out_size = [(i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in zip(in_size, padding, dilation, kernel, stride)]
+    out_size = [
+        (i + 2 * p - d * (k - 1) - 1) // s + 1
+        for i, p, d, k, s in zip(in_size, padding, dilation, kernel, stride, strict=True)
+    ]
     out_plane = math.prod(out_size)
     offset_groups = offset.shape[1] // (kernel_points * dims)
     per_offset_group = in_channels // offset_groups
@@ -51,7 +54,8 @@ def deform_conv_reference(
     kernel_grid = _grid(kernel, device) * torch.tensor(dilation, device=device)
     out_grid = _grid(out_size, device) * torch.tensor(stride, device=device) - torch.tensor(padding, device=device)
     base = (kernel_grid[:, None, :] + out_grid[None, :, :]).to(coord_dtype)
-    displacement = offset.to(coord_dtype).reshape(batch, offset_groups, kernel_points, dims, out_plane).transpose(-1, -2)
+    displacement = offset.to(coord_dtype).reshape(batch, offset_groups, kernel_points, dims, out_plane)
+    displacement = displacement.transpose(-1, -2)
     position = base + displacement  # (B, G, K, L, d)
 
     size = torch.tensor(in_size, device=device, dtype=coord_dtype)
