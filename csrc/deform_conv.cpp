@@ -25,8 +25,11 @@ void check_same_dtype_and_device(const at::Tensor& input, const at::Tensor& othe
 void check_conv_param(at::IntArrayRef values, int64_t dims, const char* name, int64_t minimum) {
   TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == dims, name, ": expected ", dims,
                     " values (one per spatial dim), got ", values.size());
+  // The upper bound keeps the output-size arithmetic far from int64 overflow.
+  constexpr int64_t maximum = int64_t(1) << 31;
   for (const auto v : values) {
-    TORCH_CHECK_VALUE(v >= minimum, name, ": expected every value >= ", minimum, ", got ", shape_str(values));
+    TORCH_CHECK_VALUE(v >= minimum && v < maximum, name, ": expected every value in [", minimum, ", 2^31), got ",
+                      shape_str(values));
   }
 }
 
@@ -63,6 +66,7 @@ void check_deform_conv_args(const at::Tensor& input, const at::Tensor& offset, c
   const int64_t in_channels = input.size(1);
   const int64_t out_channels = weight.size(0);
   const int64_t group_channels = weight.size(1);
+  TORCH_CHECK_VALUE(in_channels > 0, "input: expected at least one channel, got shape ", shape_str(input.sizes()));
   TORCH_CHECK_VALUE(out_channels > 0 && group_channels > 0,
                     "weight: expected positive C_out and C_in/groups, got shape ", shape_str(weight.sizes()));
   TORCH_CHECK_VALUE(in_channels % group_channels == 0, "weight: C_in/groups = ", group_channels,

@@ -109,7 +109,10 @@ template <int D, typename acc_t, typename coord_t, typename scalar_t>
 DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane) {
   acc_t value = 0;
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
-    value += static_cast<acc_t>(s.weight[c]) * static_cast<acc_t>(plane[s.index[c]]);
+    // Select rather than multiply by the zero weight: 0 * inf would leak a non-finite value of
+    // element 0 into points that do not touch it.
+    const acc_t v = static_cast<acc_t>(plane[s.index[c]]);
+    value += s.inside[c] ? static_cast<acc_t>(s.weight[c]) * v : acc_t(0);
   }
   return value;
 }

@@ -33,22 +33,31 @@ def as_tuple(value: IntOrTuple, dims: int) -> tuple[int, ...]:
 
 
 def conv_output_size(
-    in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+    in_size: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
 ) -> tuple[int, ...]:
     """Output size per DESIGN.md: floor((in + 2*pad - dil*(k-1) - 1) / stride) + 1 per dim."""
     return tuple(
-        (i + 2 * p - d * (k - 1) - 1) // s + 1 for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation)
+        (i + 2 * p - d * (k - 1) - 1) // s + 1
+        for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation, strict=True)
     )
 
 
 def base_positions(
-    kernel: Sequence[int], out_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+    kernel: Sequence[int],
+    out_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
 ) -> Tensor:
     """Undeformed sample positions out*stride - pad + k*dil: float64 (K, dims, *out_size), K row-major."""
     dims = len(kernel)
-    kernel_index = torch.stack(
-        torch.meshgrid(*[torch.arange(k) for k in kernel], indexing="ij"), dim=-1
-    ).reshape(-1, dims)  # (K, dims)
+    kernel_index = torch.stack(torch.meshgrid(*[torch.arange(k) for k in kernel], indexing="ij"), dim=-1).reshape(
+        -1, dims
+    )  # (K, dims)
     out_index = torch.stack(torch.meshgrid(*[torch.arange(o) for o in out_size], indexing="ij"), dim=0)  # (dims, *out)
     view = (dims,) + (1,) * dims
     out_part = out_index * torch.tensor(stride).reshape(view) - torch.tensor(padding).reshape(view)
@@ -162,7 +171,9 @@ def make_case(
     return DeformConvCase(
         input=randn(batch, in_channels, *in_size_t),
         offset=randn(batch, offset_groups * kernel_points * dims, *out_size, scale=offset_scale),
-        weight=randn(out_channels, in_channels // groups, *kernel_t, scale=1 / math.sqrt(in_channels // groups * kernel_points)),
+        weight=randn(
+            out_channels, in_channels // groups, *kernel_t, scale=(in_channels // groups * kernel_points) ** -0.5
+        ),
         bias=randn(out_channels) if bias else None,
         mask=rand(batch, offset_groups * kernel_points, *out_size) if mask else None,
         stride=stride_t,

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_close_to_scale, assert_grads_close, make_case, random_grad_output, run_with_grads
+from conftest import DEVICES, assert_close_to_scale, assert_grads_close, make_case, random_grad_output, run_with_grads
 
 from dcnlab.ops import deform_conv, deform_conv_reference
 
@@ -90,19 +90,25 @@ def test_sample_positions_beyond_256_are_computed_in_fp32(dtype):
     assert error > 10 * HALF_REL[dtype] * expected_output.abs().max()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_output_dtype_equals_input_dtype(dims, dtype):
-    case = make_case(dims, dtype, batch=1, in_channels=2, out_channels=2, kernel=2)
+def test_output_dtype_equals_input_dtype(dims, dtype, device):
+    case = make_case(dims, dtype, batch=1, in_channels=2, out_channels=2, kernel=2, device=device)
     output = deform_conv(*case.args())
     assert output.dtype == dtype
+    assert output.device.type == device
     assert output.shape == case.output_shape
     assert torch.isfinite(output).all()
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
-def test_autocast_runs_op_in_autocast_dtype_and_grads_reach_fp32_leaves(dtype):
-    case = make_case(2, torch.float32, in_channels=4, out_channels=4, offset_groups=2, padding=1, seed=400)
+@pytest.mark.parametrize(
+    "dtype, mask, bias",
+    [(torch.bfloat16, True, True), (torch.float16, True, True), (torch.bfloat16, False, False)],
+    ids=["bf16", "fp16", "bf16-no-mask-no-bias"],
+)
+def test_autocast_runs_op_in_autocast_dtype_and_grads_reach_fp32_leaves(dtype, mask, bias):
+    case = make_case(2, torch.float32, in_channels=4, offset_groups=2, padding=1, mask=mask, bias=bias, seed=400)
     leaves = case.leaves()
     with torch.autocast("cpu", dtype=dtype):
         output = deform_conv(*leaves.args())

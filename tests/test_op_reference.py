@@ -14,15 +14,31 @@ FP64_REL = 1e-10
 CONFIGS = {
     "1d-basic": dict(dims=1, in_channels=4, out_channels=6),
     "1d-groups-offset_groups-stride-pad-dil-even-kernel": dict(
-        dims=1, in_size=13, in_channels=4, out_channels=6, groups=2, offset_groups=2, kernel=4, stride=2, padding=1,
+        dims=1,
+        in_size=13,
+        in_channels=4,
+        out_channels=6,
+        groups=2,
+        offset_groups=2,
+        kernel=4,
+        stride=2,
+        padding=1,
         dilation=2,
     ),
     "1d-kernel1-no-mask-no-bias": dict(dims=1, kernel=1, mask=False, bias=False),
     "1d-far-offsets": dict(dims=1, offset_scale=1e3, in_size=11, padding=2),
     "2d-basic": dict(dims=2, in_channels=3, out_channels=5),
     "2d-rect-kernel-per-axis-params": dict(
-        dims=2, in_size=(9, 8), in_channels=6, out_channels=6, groups=3, offset_groups=2, kernel=(2, 3),
-        stride=(2, 1), padding=(1, 0), dilation=(1, 2),
+        dims=2,
+        in_size=(9, 8),
+        in_channels=6,
+        out_channels=6,
+        groups=3,
+        offset_groups=2,
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
     ),
     "2d-depthwise-offset-group-per-channel": dict(dims=2, in_channels=4, out_channels=8, groups=4, offset_groups=4),
     "2d-no-mask": dict(dims=2, mask=False, offset_scale=2.0, padding=1),
@@ -30,8 +46,16 @@ CONFIGS = {
     "2d-far-offsets": dict(dims=2, offset_scale=1e3, padding=(2, 1)),
     "3d-basic": dict(dims=3, in_channels=2, out_channels=3),
     "3d-rect-kernel-per-axis-params": dict(
-        dims=3, in_size=(6, 7, 5), in_channels=4, out_channels=4, groups=2, offset_groups=2, kernel=(2, 3, 1),
-        stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1),
+        dims=3,
+        in_size=(6, 7, 5),
+        in_channels=4,
+        out_channels=4,
+        groups=2,
+        offset_groups=2,
+        kernel=(2, 3, 1),
+        stride=(1, 2, 1),
+        padding=(1, 0, 1),
+        dilation=(2, 1, 1),
     ),
     "3d-no-mask-no-bias": dict(dims=3, in_size=(4, 5, 6), kernel=(3, 1, 2), mask=False, bias=False, batch=1),
     "3d-far-offsets": dict(dims=3, offset_scale=1e3, in_size=4, kernel=2, padding=1),
@@ -66,8 +90,8 @@ def _grid_and_border_positions(case, seed):
     shape = (batch, case.offset_groups, case.kernel_points, 1, *case.out_size)
     axes = []
     for size in case.input.shape[2:]:
-        choices = torch.tensor([-2.0, -1.0, -0.5, 0.0, 1.0, size - 1.0, size - 0.5, size, size + 1.0], dtype=torch.float64)
-        choices = torch.cat([choices, torch.arange(size, dtype=torch.float64)])
+        borders = [-2.0, -1.0, -0.5, 0.0, 1.0, size - 1.0, size - 0.5, size, size + 1.0]
+        choices = torch.cat([torch.tensor(borders, dtype=torch.float64), torch.arange(size, dtype=torch.float64)])
         axes.append(choices[torch.randint(len(choices), shape, generator=generator)])
     return torch.cat(axes, dim=3)
 
@@ -105,8 +129,16 @@ def _off_grid_case(dims, seed):
     """A tiny case whose sample points all have fractional parts in [0.1, 0.9] (bilinear
     interpolation is not differentiable at integer coordinates)."""
     case = make_case(
-        dims, batch=2 if dims < 3 else 1, in_channels=2, out_channels=2, offset_groups=2, groups=2, kernel=2,
-        padding=1 if dims < 3 else 0, in_size={1: 5, 2: 3, 3: 3}[dims], seed=seed,
+        dims,
+        batch=2 if dims < 3 else 1,
+        in_channels=2,
+        out_channels=2,
+        offset_groups=2,
+        groups=2,
+        kernel=2,
+        padding=1 if dims < 3 else 0,
+        in_size={1: 5, 2: 3, 3: 3}[dims],
+        seed=seed,
     )
     generator = torch.Generator().manual_seed(seed)
     whole = torch.randint(-2, 3, case.offset.shape, generator=generator).double()
@@ -129,15 +161,17 @@ def test_gradcheck_all_inputs(dims):
     )
 
 
-def test_batch_chunking_matches_per_sample_calls():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batch_chunking_matches_per_sample_calls(dtype):
     # Per-sample columns of C_in*K*L = 4*9*64*64 = 147456 elements: the CPU kernel's 2**23-element
     # column buffer holds 56 samples, so a batch of 130 runs as three chunks (44, 44, 42).
-    case = make_case(2, batch=130, in_channels=4, out_channels=3, in_size=66, dtype=torch.float32, seed=40)
+    case = make_case(2, dtype, batch=130, in_channels=4, out_channels=3, in_size=66, seed=40)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     grad_output = random_grad_output(case)
     output, grads = run_with_grads(deform_conv, case, grad_output)
     for b in (0, 43, 44, 87, 88, 129):
         single = replace(case, input=case.input[b : b + 1], offset=case.offset[b : b + 1], mask=case.mask[b : b + 1])
         single_output, single_grads = run_with_grads(deform_conv, single, grad_output[b : b + 1])
-        torch.testing.assert_close(output[b : b + 1], single_output, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(output[b : b + 1], single_output, **tolerance)
         for name in ("input", "offset", "mask"):
-            torch.testing.assert_close(grads[name][b : b + 1], single_grads[name], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grads[name][b : b + 1], single_grads[name], **tolerance, msg=name)

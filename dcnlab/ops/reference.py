@@ -76,8 +76,10 @@ def deform_conv_reference(
         corner_weight = torch.where(corner_t.bool(), frac, 1 - frac).prod(dim=-1) * inside
         flat = (torch.where(inside[..., None], point, torch.zeros_like(point)) * row_major).sum(dim=-1)
         flat = flat.reshape(batch, offset_groups, 1, -1).expand(-1, -1, per_offset_group, -1)
-        values = torch.gather(planes, 3, flat)
-        sampled = sampled + values * corner_weight.reshape(batch, offset_groups, 1, -1).to(input.dtype)
+        values = torch.gather(planes, 3, flat) * corner_weight.reshape(batch, offset_groups, 1, -1).to(input.dtype)
+        # A corner outside the input reads element 0 with weight 0; drop it rather than let a
+        # non-finite element 0 turn 0 * inf into NaN.
+        sampled = sampled + torch.where(inside.reshape(batch, offset_groups, 1, -1), values, 0)
     if mask is not None:
         sampled = sampled * mask.reshape(batch, offset_groups, 1, -1)
 
