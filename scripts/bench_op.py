@@ -1,21 +1,24 @@
 """Benchmark of the compiled N-D deformable convolution `dcnlab.ops.deform_conv`.
 
 For each shape of a preset and each dtype it times, on the same inputs and in the same run,
-three contenders: dcnlab's op, `torchvision.ops.deform_conv2d` (2D only) and the dense
-convolution of the same weight shape (`torch.nn.functional.conv{1,2,3}d`, cuDNN on CUDA).
-Forward is timed under `torch.no_grad()`; forward+backward is the forward followed by
-`torch.autograd.grad` for every input that requires grad (input, offset, mask, weight and bias;
-input, weight and bias for the dense conv) with a random grad_output, so no `.grad` is
-accumulated in the loop. Before timing, dcnlab's output and gradients are checked against a
-float64 truth (torchvision for 2D, `deform_conv_reference` otherwise) on a batch-1 slice.
+three contenders: dcnlab's op, `torchvision.ops.deform_conv2d` (2D only; for bf16 rows also in
+fp16, since torchvision has no bf16) and the dense convolution of the same weight shape
+(`torch.nn.functional.conv{1,2,3}d`, cuDNN with benchmark mode on CUDA). Forward is timed under
+`torch.no_grad()`; forward+backward is the forward followed by `torch.autograd.grad` for every
+input that requires grad (input, offset, mask, weight and bias; input, weight and bias for the
+dense conv) with a random grad_output, so no `.grad` is accumulated in the loop. Times are
+medians of CUDA events (CUDA) or time.perf_counter (CPU) after warm-up, rotating among input
+sets; on CUDA the peak extra memory of one forward+backward is recorded too.
 
-Usage (from the repository root):
+Before timing, dcnlab's output and all five gradients are checked against a float64 truth
+(torchvision for 2D, `deform_conv_reference` otherwise) on a batch-1 slice, in float64 and in
+the row's dtype; the exit status is 1 when a check failed, so a wrong kernel cannot hide behind
+a good-looking table. The markdown table goes to stdout and to --md, every raw number to --json.
+
+Usage (the repository root is put on sys.path, so an in-place build needs no install):
 
     .venv/bin/python scripts/bench_op.py --device cpu --preset cpu --threads 2
-    python3 scripts/bench_op.py --device cuda --preset cuda --json $OUT/bench.json --md $OUT/bench.md
-
-The markdown table goes to stdout and to --md, every raw number to --json. The exit status is
-1 when a correctness check failed, so a wrong kernel cannot hide behind a good-looking table.
+    python3 scripts/bench_op.py --device cuda --md $OUT/bench.md --json $OUT/bench.json --plot $OUT/bench.png
 """
 
 import argparse
@@ -37,9 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import dcnlab
-from dcnlab.ops import deform_conv, deform_conv_reference
-
 try:
     import torchvision
     from torchvision.ops import deform_conv2d as tv_deform_conv2d
@@ -47,11 +47,18 @@ except ImportError:  # torchvision is optional: its columns become n/a
     torchvision = None
     tv_deform_conv2d = None
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Importable from a checkout whose extension was built in place (setup.py build_ext --inplace), not installed.
+sys.path.insert(0, str(REPO_ROOT))
+import dcnlab  # noqa: E402
+from dcnlab.ops import deform_conv, deform_conv_reference  # noqa: E402
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Bound on ||dcnlab - truth|| / ||truth|| (output and each gradient) per dtype; float32 allows TF32.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
 CHECK_POINTS = 4096  # spatial points of the correctness slice (batch 1, each dim cropped to fit)
+CHECK_OFFSET_MARGIN = 0.05  # the check's sampling coordinates stay this far from integers (see make_inputs)
 ROTATION_BYTES = 256 * 2**20  # rotate among input sets until they exceed this, so caches do not flatter
 MAX_INPUT_SETS = 8
 MIN_RUNS = 3  # runs kept even when --max-seconds is exceeded
@@ -165,25 +172,36 @@ DENSE = Contender("dense", dense_op, ("input", "weight", "bias"))
 REFERENCE = Contender("deform_conv_reference", reference_op, DEFORM_GRADS)
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> Inputs:
+def make_inputs(
+    shape: Shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator, offset_margin: float = 0.0
+) -> Inputs:
     """Random inputs: x ~ N(0,1), offsets ~ N(0,1) (mostly inside the image), mask ~ U(0,1),
-    weight scaled by 1/sqrt(fan_in), bias ~ N(0,1), grad_output ~ N(0,1); leaves require grad."""
+    weight scaled by 1/sqrt(fan_in), bias ~ N(0,1), grad_output ~ N(0,1); leaves require grad.
+
+    With offset_margin > 0 each offset keeps the integer part of its N(0,1) draw and gets a fractional part
+    uniform in [margin, 1 - margin]: as stride, padding and dilation are integers, no sampling coordinate then
+    lies near an integer, where the interpolation is not differentiable and rounding the coordinate (fp32 by
+    the op contract) may legitimately pick the other one-sided gradient for the offset."""
 
     def draw(*size: int, kind: str = "normal", scale: float = 1.0) -> Tensor:
         sample = torch.rand if kind == "uniform" else torch.randn
-        values = sample(size, generator=generator, device=device, dtype=torch.float32) * scale
-        return values.to(dtype)
+        return sample(size, generator=generator, device=device, dtype=torch.float32) * scale
 
     out_spatial = shape.spatial  # stride 1, padding k//2 keeps the size
     kernel = (shape.kernel,) * shape.dims
+    offset = draw(shape.batch, shape.kernel_points * shape.dims, *out_spatial)
+    if offset_margin > 0:
+        fraction = offset_margin + (1 - 2 * offset_margin) * draw(*offset.shape, kind="uniform")
+        offset = offset.floor() + fraction
     leaves = [
         draw(shape.batch, shape.channels, *shape.spatial),
-        draw(shape.batch, shape.kernel_points * shape.dims, *out_spatial),
+        offset,
         draw(shape.batch, shape.kernel_points, *out_spatial, kind="uniform"),
         draw(shape.channels, shape.channels, *kernel, scale=(shape.channels * shape.kernel_points) ** -0.5),
         draw(shape.channels),
     ]
-    return Inputs(*(t.requires_grad_() for t in leaves), draw(shape.batch, shape.channels, *out_spatial))
+    grad_output = draw(shape.batch, shape.channels, *out_spatial)
+    return Inputs(*(t.to(dtype).requires_grad_() for t in leaves), grad_output.to(dtype))
 
 
 def forward_backward(contender: Contender, x: Inputs, shape: Shape) -> tuple[Tensor, ...]:
@@ -216,7 +234,7 @@ def check_dcnlab(shape: Shape, dtype_name: str, device: torch.device, seed: int)
     small = check_shape(shape)
     truth = TORCHVISION if shape.dims == 2 and tv_deform_conv2d is not None else REFERENCE
     generator = torch.Generator(device=device).manual_seed(seed)
-    base = make_inputs(small, torch.float64, device, generator)
+    base = make_inputs(small, torch.float64, device, generator, offset_margin=CHECK_OFFSET_MARGIN)
     result: dict[str, Any] = {"truth": f"{truth.name} float64", "shape": asdict(small), "runs": {}}
     passed = True
     for name in dict.fromkeys(["float64", dtype_name]):
@@ -389,12 +407,11 @@ def cpu_model() -> str:
 def git_revision() -> str:
     """Short commit of the repository (with +dirty), or 'unknown' outside a git checkout."""
     try:
-        root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,
@@ -466,7 +483,7 @@ def fmt_ratio(value: float | None, suffix: str = "") -> str:
 
 
 def fmt_check(check: dict[str, Any]) -> str:
-    """`ok 3e-03` (worst relative error in the benchmark dtype) or `FAIL ...`."""
+    """`ok 3e-03` or `FAIL 5e-01`: the pass flag and the worst relative error of the float64 and dtype checks."""
     worst = max((run.get("worst_rel", math.inf) for run in check["runs"].values()), default=math.inf)
     return f"{'ok' if check['passed'] else 'FAIL'} {worst:.0e}"
 
@@ -497,7 +514,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             else ""
         ),
         "- check: dcnlab output and all gradients vs a float64 truth (torchvision for 2D, deform_conv_reference "
-        "otherwise) on a batch-1 slice, in float64 and in the row's dtype; worst ||err||/||truth|| shown",
+        f"otherwise) on a batch-1 slice with offsets' fractional parts in [{CHECK_OFFSET_MARGIN}, "
+        f"{1 - CHECK_OFFSET_MARGIN}], in float64 and in the row's dtype; worst ||err||/||truth|| shown",
         f"- command: `{meta['command']}`",
         "",
     ]
@@ -588,8 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warm-up runs per measurement (default cpu 2, cuda 10)")
     parser.add_argument("--max-seconds", type=float, default=10.0, help="stop a measurement early after this")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--md", type=Path, default=Path("docs/benchmarks-latest.md"), help="markdown output")
-    parser.add_argument("--json", type=Path, default=Path("docs/benchmarks-latest.json"), help="raw JSON output")
+    parser.add_argument("--md", type=Path, default=REPO_ROOT / "docs/benchmarks-latest.md", help="markdown output")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "docs/benchmarks-latest.json", help="raw JSON output")
     parser.add_argument("--plot", type=Path, help="PNG of fwd+bwd time relative to dense conv (needs matplotlib)")
     args = parser.parse_args(argv)
     on_cuda = args.device == "cuda"
