@@ -1,19 +1,24 @@
 // The backend-independent half of the op: batch chunking, the GEMMs and the reductions.
 //
-// The deformable sampling is the only backend-specific part. A backend supplies a Sampler
-// with three kernels over a chunk of n samples starting at sample b0:
+// The deformable sampling is the only backend-specific part. A backend supplies a Sampler with
+// two kernels over a chunk of n samples starting at sample b0:
 //   sample_columns<D>(geo, input, offset, mask, b0, n, columns)
-//       columns[(c*K + k), b, l] = mask * interpolate(input[b0 + b, c], p(k, l))
-//   position_grads<D>(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask)
-//       writes grad_offset and grad_mask of those samples (either may be null: not wanted)
-//   input_grads<D>(geo, offset, mask, b0, n, grad_columns, grad_input)
-//       accumulates into grad_input, a zeroed chunk-local (n, C_in, *in_spatial) buffer
-// plus `column_t<scalar_t>`, the dtype of sampled columns, and column_budget(), the number of
-// column elements a chunk may hold. Gradient columns and grad_input are always in opmath
-// (fp32 for half types).
+//       the sampled, modulated input values of every (sample point, channel)
+//   sampling_grads<D>(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask, grad_input)
+//       writes grad_offset and grad_mask of those samples and accumulates grad_input (a zeroed,
+//       chunk-local buffer); any of the three may be null: not wanted
+// plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
+// column elements a chunk may hold, and kChannelsLast, which picks one of two layouts:
 //
-// Columns are laid out (C_in*K, n, L) so that one batched GEMM over the conv groups covers the
-// whole chunk: output (G, C_out/G, n*L) = weight (G, C_out/G, C_in/G*K) @ columns.
+//   kChannelsLast = false: input (B, C_in, *in); columns (G, R, n*L) with row r = c*K + k, the
+//       weight's own order; grad_input buffer (n, C_in, *in).
+//   kChannelsLast = true: input (B, *in, C_in); columns (G, n*L, R) with r = k*C_in/G + c, so the
+//       channels of one sample point are contiguous; grad_input buffer (n, *in, C_in).
+//
+// G is the number of conv groups and R = C_in/G * K. Either way the columns of one group form a
+// matrix that one batched GEMM multiplies for the whole chunk:
+//   output (G, C_out/G, n*L) = weight rows (G, C_out/G, R) @ columns (G, R, n*L).
+// Gradient columns and grad_input are always in opmath (fp32 for half types).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,143 +63,217 @@ std::vector<int64_t> output_shape(const ConvGeometry<D>& geo) {
   return shape;
 }
 
+// Matrix shapes of one chunk and the layout conversions that depend on kChannelsLast.
+template <int D, bool channels_last>
+struct Layout {
+  int64_t groups, out_per_group, in_per_group, kernel_points, rows_per_group;
+
+  explicit Layout(const ConvGeometry<D>& geo)
+      : groups(geo.groups),
+        out_per_group(geo.out_channels / geo.groups),
+        in_per_group(geo.in_channels / geo.groups),
+        kernel_points(geo.kernel_points),
+        rows_per_group(geo.in_channels / geo.groups * geo.kernel_points) {}
+
+  at::Tensor input(const at::Tensor& input) const {
+    return channels_last ? input.movedim(1, -1).contiguous() : input.contiguous();
+  }
+
+  // (C_out, C_in/G, *kernel) -> (G, C_out/G, R) in the row order of the columns.
+  at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType dtype) const {
+    const auto w = weight.to(dtype);
+    if (!channels_last) return w.reshape({groups, out_per_group, rows_per_group});
+    return w.reshape({groups, out_per_group, in_per_group, kernel_points}).transpose(2, 3).reshape(
+        {groups, out_per_group, rows_per_group});
+  }
+
+  at::Tensor weight_from_rows(const at::Tensor& rows, at::IntArrayRef weight_shape) const {
+    if (!channels_last) return rows.reshape(weight_shape);
+    return rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3).reshape(weight_shape);
+  }
+
+  // (G, R, n*L) view of the first n samples' worth of a column buffer.
+  at::Tensor columns(const at::Tensor& storage, int64_t n, int64_t out_plane) const {
+    const auto used = storage.narrow(0, 0, groups * rows_per_group * n * out_plane);
+    return channels_last ? used.view({groups, n * out_plane, rows_per_group}).transpose(1, 2)
+                         : used.view({groups, rows_per_group, n * out_plane});
+  }
+
+  // weight_rows^T @ grad_out (G, C_out/G, n*L), in the layout of the columns, contiguous.
+  at::Tensor grad_columns(const at::Tensor& w, const at::Tensor& grad_out, at::ScalarType dtype) const {
+    return channels_last ? gemm(grad_out.transpose(1, 2), w, dtype) : gemm(w.transpose(1, 2), grad_out, dtype);
+  }
+
+  at::Tensor grad_input_buffer(int64_t chunk, const ConvGeometry<D>& geo, const at::TensorOptions& options) const {
+    return channels_last ? at::empty({chunk, geo.in_plane, geo.in_channels}, options)
+                         : at::empty({chunk, geo.in_channels, geo.in_plane}, options);
+  }
+
+  // Copies n samples of a grad_input buffer into grad_input (B, C_in, *in).
+  void store_grad_input(at::Tensor& grad_input, int64_t b0, int64_t n, const at::Tensor& buffer) const {
+    auto target = grad_input.narrow(0, b0, n);
+    if (!channels_last) {
+      target.copy_(buffer.narrow(0, 0, n).view(target.sizes()));
+      return;
+    }
+    std::vector<int64_t> shape(target.sizes().begin(), target.sizes().end());
+    shape.erase(shape.begin() + 1);
+    shape.push_back(target.size(1));
+    target.copy_(buffer.narrow(0, 0, n).view(shape).movedim(-1, 1));
+  }
+};
+
 }  // namespace driver_detail
 
-template <typename Sampler>
-at::Tensor deform_conv_forward(const at::Tensor& input_arg, const at::Tensor& offset_arg, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, const std::optional<at::Tensor>& mask_arg) {
+template <typename Sampler, int D>
+at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tensor& offset_arg, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    const std::optional<at::Tensor>& mask_arg) {
   using namespace driver_detail;
-  check_deform_conv_args(input_arg, offset_arg, weight, bias, stride, padding, dilation, mask_arg);
-  return dispatch_spatial_dims(input_arg.dim() - 2, [&](auto dims) {
-    constexpr int D = decltype(dims)::value;
-    const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
-    auto output = at::empty(output_shape(geo), input_arg.options());
-    if (geo.batch == 0) return output;
-    const auto input = input_arg.contiguous();
-    const auto offset = offset_arg.contiguous();
-    const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
-    const int64_t groups = geo.groups;
-    const int64_t out_per_group = geo.out_channels / groups;
-    const int64_t rows_per_group = geo.in_channels / groups * geo.kernel_points;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv", [&] {
-      using column_t = typename Sampler::template column_t<scalar_t>;
-      const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
-      const auto w = weight.to(column_dtype).reshape({groups, out_per_group, rows_per_group});
-      const auto b = bias ? std::optional<at::Tensor>(bias->to(column_dtype).view({groups, out_per_group, 1}))
-                          : std::nullopt;
-      const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
-      auto columns = at::empty({geo.in_channels * geo.kernel_points * chunk * geo.out_plane},
-                               input.options().dtype(column_dtype));
-      for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
-        const int64_t n = std::min(chunk, geo.batch - b0);
-        const auto cols = columns.narrow(0, 0, rows_per_group * groups * n * geo.out_plane)
-                              .view({groups, rows_per_group, n * geo.out_plane});
-        Sampler::template sample_columns<D>(geo, input.template const_data_ptr<scalar_t>(), offset.template const_data_ptr<scalar_t>(),
-                                            mask ? mask->template const_data_ptr<scalar_t>() : nullptr, b0, n,
-                                            cols.template mutable_data_ptr<column_t>());
-        const auto result = b ? at::baddbmm(b->expand({groups, out_per_group, n * geo.out_plane}), w, cols)
-                              : at::bmm(w, cols);
-        output.narrow(0, b0, n)
-            .view({n, groups, out_per_group, geo.out_plane})
-            .copy_(result.view({groups, out_per_group, n, geo.out_plane}).permute({2, 0, 1, 3}));
-      }
-    });
-    return output;
+  const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
+  auto output = at::empty(output_shape(geo), input_arg.options());
+  if (geo.batch == 0) return output;
+  const Layout<D, Sampler::kChannelsLast> layout(geo);
+  const auto input = layout.input(input_arg);
+  const auto offset = offset_arg.contiguous();
+  const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
+  const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv", [&] {
+    using column_t = typename Sampler::template column_t<scalar_t>;
+    const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
+    const auto w = layout.weight_rows(weight, column_dtype);
+    std::optional<at::Tensor> b;
+    if (bias) b = bias->to(column_dtype).view({layout.groups, layout.out_per_group, 1});
+    const auto columns =
+        at::empty({geo.in_channels * geo.kernel_points * chunk * geo.out_plane}, input.options().dtype(column_dtype));
+    for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
+      const int64_t n = std::min(chunk, geo.batch - b0);
+      const auto cols = layout.columns(columns, n, geo.out_plane);
+      Sampler::template sample_columns<D>(geo, input.template const_data_ptr<scalar_t>(),
+                                          offset.template const_data_ptr<scalar_t>(),
+                                          mask ? mask->template const_data_ptr<scalar_t>() : nullptr, b0, n,
+                                          columns.template mutable_data_ptr<column_t>());
+      // (A braced list straight inside b->expand(...) is mistranslated by nvcc's front end.)
+      const std::array<int64_t, 3> result_shape{layout.groups, layout.out_per_group, n * geo.out_plane};
+      const auto result = b ? at::baddbmm(b->expand(result_shape), w, cols) : at::bmm(w, cols);
+      output.narrow(0, b0, n)
+          .view({n, layout.groups, layout.out_per_group, geo.out_plane})
+          .copy_(result.view({layout.groups, layout.out_per_group, n, geo.out_plane}).permute({2, 0, 1, 3}));
+    }
   });
+  return output;
 }
 
 template <typename Sampler>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const at::Tensor& grad_output_arg, const at::Tensor& input_arg, const at::Tensor& offset_arg,
-    const at::Tensor& weight, const std::optional<at::Tensor>& mask_arg, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 5> output_mask) {
+at::Tensor deform_conv_forward(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
+  check_deform_conv_args(input, offset, weight, bias, stride, padding, dilation, mask);
+  return dispatch_spatial_dims(input.dim() - 2, [&](auto dims) {
+    return deform_conv_forward_dims<Sampler, decltype(dims)::value>(input, offset, weight, bias, stride, padding,
+                                                                    dilation, mask);
+  });
+}
+
+using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Sampler, int D>
+GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
+                                    const at::Tensor& offset_arg, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& mask_arg, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 5> output_mask) {
   using namespace driver_detail;
-  check_deform_conv_backward_args(grad_output_arg, input_arg, offset_arg, weight, mask_arg, stride, padding, dilation);
   const bool need_input = output_mask[0];
   const bool need_offset = output_mask[1];
   const bool need_weight = output_mask[2];
   const bool need_bias = output_mask[3];
   const bool need_mask = output_mask[4] && mask_arg.has_value();
-  return dispatch_spatial_dims(input_arg.dim() - 2, [&](auto dims) {
-    constexpr int D = decltype(dims)::value;
-    const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
-    const auto input = input_arg.contiguous();
-    const auto offset = offset_arg.contiguous();
-    const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
-    const auto grad_output = grad_output_arg.contiguous();
-    const auto opmath_dtype = at::toOpMathType(input.scalar_type());
+  const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
+  const Layout<D, Sampler::kChannelsLast> layout(geo);
+  const auto offset = offset_arg.contiguous();
+  const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
+  const auto grad_output = grad_output_arg.contiguous();
+  const auto options = input_arg.options();
+  const auto opmath_dtype = at::toOpMathType(input_arg.scalar_type());
 
-    auto grad_input = need_input ? at::zeros_like(input) : not_requested(input);
-    auto grad_offset = need_offset ? at::zeros_like(offset) : not_requested(input);
-    auto grad_mask = need_mask ? at::zeros_like(*mask) : not_requested(input);
-    auto grad_bias = not_requested(input);
-    if (need_bias) {
-      std::vector<int64_t> reduced_dims{0};
-      for (int a = 0; a < D; ++a) reduced_dims.push_back(a + 2);
-      grad_bias = at::sum(grad_output, reduced_dims, false, opmath_dtype).to(input.scalar_type());
-    }
+  auto grad_input = need_input ? at::zeros(input_arg.sizes(), options) : not_requested(input_arg);
+  auto grad_offset = need_offset ? at::zeros_like(offset) : not_requested(input_arg);
+  auto grad_mask = need_mask ? at::zeros_like(*mask) : not_requested(input_arg);
+  auto grad_bias = not_requested(input_arg);
+  if (need_bias) {
+    std::vector<int64_t> reduced_dims{0};
+    for (int a = 0; a < D; ++a) reduced_dims.push_back(a + 2);
+    grad_bias = at::sum(grad_output, reduced_dims, false, opmath_dtype).to(input_arg.scalar_type());
+  }
+  auto grad_weight_rows = need_weight ? at::zeros({layout.groups, layout.out_per_group, layout.rows_per_group},
+                                                  options.dtype(opmath_dtype))
+                                      : at::Tensor();
 
-    const int64_t groups = geo.groups;
-    const int64_t out_per_group = geo.out_channels / groups;
-    const int64_t rows_per_group = geo.in_channels / groups * geo.kernel_points;
-    auto grad_weight_acc = need_weight ? at::zeros({groups, out_per_group, rows_per_group}, input.options().dtype(opmath_dtype))
+  const bool need_sampling_grads = need_input || need_offset || need_mask;
+  if (geo.batch > 0 && (need_weight || need_sampling_grads)) {
+    const auto input = layout.input(input_arg);
+    const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
+    // grad_input accumulates in an opmath buffer, one chunk at a time, except when it already
+    // has the buffer's dtype and layout.
+    const bool grad_input_in_place = !Sampler::kChannelsLast && input.scalar_type() == opmath_dtype;
+    const auto grad_input_buffer = need_input && !grad_input_in_place
+                                       ? layout.grad_input_buffer(chunk, geo, options.dtype(opmath_dtype))
                                        : at::Tensor();
-    const bool need_sampling_grads = need_input || need_offset || need_mask;
-    if (geo.batch > 0 && (need_weight || need_sampling_grads)) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv_backward", [&] {
-        using column_t = typename Sampler::template column_t<scalar_t>;
-        using opmath_t = at::opmath_type<scalar_t>;
-        const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
-        const auto w = weight.to(column_dtype).reshape({groups, out_per_group, rows_per_group});
-        const auto w_t = w.transpose(1, 2);
-        const scalar_t* mask_ptr = mask ? mask->template const_data_ptr<scalar_t>() : nullptr;
-        const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
-        auto columns = need_weight ? at::empty({rows_per_group * groups * chunk * geo.out_plane},
-                                               input.options().dtype(column_dtype))
-                                   : at::Tensor();
-        // Half-type input gradients accumulate in an fp32 buffer, one chunk at a time.
-        const bool input_grad_in_place = input.scalar_type() == opmath_dtype;
-        auto grad_input_acc = need_input && !input_grad_in_place
-                                  ? at::empty({chunk, geo.in_channels, geo.in_plane}, input.options().dtype(opmath_dtype))
-                                  : at::Tensor();
-        for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
-          const int64_t n = std::min(chunk, geo.batch - b0);
-          const auto grad_out_cols = grad_output.narrow(0, b0, n)
-                                         .view({n, groups, out_per_group, geo.out_plane})
-                                         .permute({1, 2, 0, 3})
-                                         .to(column_dtype)
-                                         .reshape({groups, out_per_group, n * geo.out_plane});
-          if (need_weight) {
-            const auto cols = columns.narrow(0, 0, rows_per_group * groups * n * geo.out_plane)
-                                  .view({groups, rows_per_group, n * geo.out_plane});
-            Sampler::template sample_columns<D>(geo, input.template const_data_ptr<scalar_t>(), offset.template const_data_ptr<scalar_t>(),
-                                                mask_ptr, b0, n, cols.template mutable_data_ptr<column_t>());
-            gemm_accumulate(grad_weight_acc, grad_out_cols, cols.transpose(1, 2));
-          }
-          if (!need_sampling_grads) continue;
-          const auto grad_cols = gemm(w_t, grad_out_cols, opmath_dtype).contiguous();
-          if (need_offset || need_mask) {
-            Sampler::template position_grads<D>(geo, input.template const_data_ptr<scalar_t>(), offset.template const_data_ptr<scalar_t>(),
-                                                mask_ptr, b0, n, grad_cols.template const_data_ptr<opmath_t>(),
-                                                need_offset ? grad_offset.template mutable_data_ptr<scalar_t>() : nullptr,
-                                                need_mask ? grad_mask.template mutable_data_ptr<scalar_t>() : nullptr);
-          }
-          if (need_input) {
-            auto target = input_grad_in_place ? grad_input.narrow(0, b0, n)
-                                              : grad_input_acc.narrow(0, 0, n).zero_();
-            Sampler::template input_grads<D>(geo, offset.template const_data_ptr<scalar_t>(), mask_ptr, b0, n,
-                                             grad_cols.template const_data_ptr<opmath_t>(), target.template mutable_data_ptr<opmath_t>());
-            if (!input_grad_in_place) {
-              grad_input.narrow(0, b0, n).copy_(target.view_as(grad_input.narrow(0, b0, n)));
-            }
-          }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv_backward", [&] {
+      using column_t = typename Sampler::template column_t<scalar_t>;
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
+      const auto w = layout.weight_rows(weight, column_dtype);
+      const scalar_t* input_ptr = input.template const_data_ptr<scalar_t>();
+      const scalar_t* offset_ptr = offset.template const_data_ptr<scalar_t>();
+      const scalar_t* mask_ptr = mask ? mask->template const_data_ptr<scalar_t>() : nullptr;
+      at::Tensor columns;
+      if (need_weight) {
+        columns = at::empty({geo.in_channels * geo.kernel_points * chunk * geo.out_plane}, options.dtype(column_dtype));
+      }
+      for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
+        const int64_t n = std::min(chunk, geo.batch - b0);
+        const auto grad_out = grad_output.narrow(0, b0, n)
+                                  .view({n, layout.groups, layout.out_per_group, geo.out_plane})
+                                  .permute({1, 2, 0, 3})
+                                  .to(column_dtype)
+                                  .reshape({layout.groups, layout.out_per_group, n * geo.out_plane});
+        if (need_weight) {
+          Sampler::template sample_columns<D>(geo, input_ptr, offset_ptr, mask_ptr, b0, n,
+                                              columns.template mutable_data_ptr<column_t>());
+          gemm_accumulate(grad_weight_rows, grad_out, layout.columns(columns, n, geo.out_plane).transpose(1, 2));
         }
-      });
-    }
-    auto grad_weight = need_weight ? grad_weight_acc.view(weight.sizes()).to(weight.scalar_type())
-                                   : not_requested(input);
-    return std::make_tuple(grad_input, grad_offset, grad_weight, grad_bias, grad_mask);
+        if (!need_sampling_grads) continue;
+        const auto grad_cols = layout.grad_columns(w, grad_out, opmath_dtype);
+        at::Tensor grad_input_target;
+        if (need_input) {
+          grad_input_target =
+              grad_input_in_place ? grad_input.narrow(0, b0, n) : grad_input_buffer.narrow(0, 0, n).zero_();
+        }
+        Sampler::template sampling_grads<D>(
+            geo, input_ptr, offset_ptr, mask_ptr, b0, n, grad_cols.template const_data_ptr<opmath_t>(),
+            need_offset ? grad_offset.template mutable_data_ptr<scalar_t>() : nullptr,
+            need_mask ? grad_mask.template mutable_data_ptr<scalar_t>() : nullptr,
+            need_input ? grad_input_target.template mutable_data_ptr<opmath_t>() : nullptr);
+        if (need_input && !grad_input_in_place) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
+      }
+    });
+  }
+  auto grad_weight = need_weight ? layout.weight_from_rows(grad_weight_rows, weight.sizes()).to(weight.scalar_type())
+                                 : not_requested(input_arg);
+  return std::make_tuple(grad_input, grad_offset, grad_weight, grad_bias, grad_mask);
+}
+
+template <typename Sampler>
+GradTuple deform_conv_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& mask,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               std::array<bool, 5> output_mask) {
+  check_deform_conv_backward_args(grad_output, input, offset, weight, mask, stride, padding, dilation);
+  return dispatch_spatial_dims(input.dim() - 2, [&](auto dims) {
+    return deform_conv_backward_dims<Sampler, decltype(dims)::value>(grad_output, input, offset, weight, mask, stride,
+                                                                     padding, dilation, output_mask);
   });
 }
 

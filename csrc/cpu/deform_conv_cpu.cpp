@@ -58,7 +58,19 @@ struct CpuSampler {
   template <typename scalar_t>
   using column_t = at::opmath_type<scalar_t>;
 
+  static constexpr bool kChannelsLast = false;
+
   static int64_t column_budget() { return int64_t(1) << 23; }
+
+  // Two passes: offset and mask gradients own one (point, offset group) each, input gradients
+  // one channel plane each, so neither needs atomics.
+  template <int D, typename scalar_t>
+  static void sampling_grads(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
+                             const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
+                             scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input) {
+    if (grad_offset || grad_mask) position_grads(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask);
+    if (grad_input) input_grads(geo, offset, mask, b0, n, grad_columns, grad_input);
+  }
 
   template <int D, typename scalar_t>
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
