@@ -89,7 +89,7 @@ struct Layout {
 
   at::Tensor weight_from_rows(const at::Tensor& rows, at::IntArrayRef weight_shape) const {
     if (!channels_last) return rows.reshape(weight_shape);
-    return rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3).reshape(weight_shape);
+    return rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3).contiguous().view(weight_shape);
   }
 
   // (G, R, n*L) view of the first n samples' worth of a column buffer.

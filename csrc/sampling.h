@@ -44,7 +44,8 @@ struct ConvGeometry {
 template <int D, typename coord_t>
 struct Stencil {
   static constexpr int kCorners = 1 << D;
-  int64_t index[kCorners];  // flat offset of the corner within one input channel plane
+  int64_t index[kCorners];  // flat offset of the corner within one input channel plane (a
+                            // backend with another layout may scale it by its element stride)
   coord_t weight[kCorners];  // N-linear weight, 0 where the corner lies outside
   coord_t frac[D];           // position within the cell along each axis
   bool inside[kCorners];
@@ -104,15 +105,15 @@ DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_s
   }
 }
 
-// Interpolated value of one channel at the stencil's point. The channel's element at flat
-// spatial index i is plane[i * element_stride] (1 for (C, *spatial) layouts, C for channels-last).
+// Interpolated value of one channel at the stencil's point: the channel's element at stencil
+// index i is plane[i].
 template <int D, typename acc_t, typename coord_t, typename scalar_t>
-DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane, int64_t element_stride = 1) {
+DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane) {
   acc_t value = 0;
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
     // Select rather than multiply by the zero weight: 0 * inf would leak a non-finite value of
     // element 0 into points that do not touch it.
-    const acc_t v = static_cast<acc_t>(plane[s.index[c] * element_stride]);
+    const acc_t v = static_cast<acc_t>(plane[s.index[c]]);
     value += s.inside[c] ? static_cast<acc_t>(s.weight[c]) * v : acc_t(0);
   }
   return value;
@@ -122,11 +123,11 @@ DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* 
 // The derivative of a corner weight along axis a is +-prod of the other axes' factors.
 template <int D, typename acc_t, typename coord_t, typename scalar_t>
 DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& s, const scalar_t* plane,
-                                                     acc_t (&grad_pos)[D], int64_t element_stride = 1) {
+                                                     acc_t (&grad_pos)[D]) {
   acc_t value = 0;
   for (int a = 0; a < D; ++a) grad_pos[a] = 0;
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
-    const acc_t v = s.inside[c] ? static_cast<acc_t>(plane[s.index[c] * element_stride]) : acc_t(0);
+    const acc_t v = s.inside[c] ? static_cast<acc_t>(plane[s.index[c]]) : acc_t(0);
     value += static_cast<acc_t>(s.weight[c]) * v;
     for (int a = 0; a < D; ++a) {
       acc_t factor = v;

@@ -143,7 +143,7 @@ def test_cuda_non_contiguous_and_channels_last_match_contiguous():
     expected = deform_conv(*case.args())
     channels_last = case.map(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     torch.testing.assert_close(deform_conv(*channels_last.args()), expected, rtol=0, atol=1e-12)
-    transposed = case.map(lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2))
+    transposed = case.map(lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else t[::1])
     torch.testing.assert_close(deform_conv(*transposed.args()), expected, rtol=0, atol=1e-12)
 
 

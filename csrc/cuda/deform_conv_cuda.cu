@@ -17,41 +17,17 @@ namespace dcnlab {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-
-// Sample point index -> (local sample, offset group, kernel point, output position).
-struct PointIndex {
-  int64_t b_local, g, k, l;
-};
-
-template <int D>
-__device__ __forceinline__ PointIndex split_point(const ConvGeometry<D>& geo, int64_t point) {
-  PointIndex p;
-  p.l = point % geo.out_plane;
-  point /= geo.out_plane;
-  p.k = point % geo.kernel_points;
-  point /= geo.kernel_points;
-  p.g = point % geo.offset_groups;
-  p.b_local = point / geo.offset_groups;
-  return p;
-}
-
-// Index of channel c of point p in the (G, n*L, C_in/G * K) columns, row order (k, c).
-template <int D>
-__device__ __forceinline__ int64_t column_index(const ConvGeometry<D>& geo, int64_t n, const PointIndex& p, int64_t c) {
-  const int64_t in_per_group = geo.in_channels / geo.groups;
-  const int64_t conv_group = c / in_per_group;
-  const int64_t row = (conv_group * n + p.b_local) * geo.out_plane + p.l;
-  return row * in_per_group * geo.kernel_points + p.k * in_per_group + (c - conv_group * in_per_group);
-}
+constexpr int kMaxGridY = 65535;
 
 // log2 of the team size: the smallest power of two covering the channels, at most a warp.
 inline int team_shift(int64_t channels) {
   int shift = 0;
-  while ((int64_t(1) << shift) < channels && (1 << shift) < kWarp) ++shift;
+  while ((int64_t(1) << shift) < channels && (1 << shift) < 32) ++shift;
   return shift;
 }
 
+// Grid: x over output positions l (kThreads >> shift teams per block), y over the n*G*K rows
+// (sample, offset group, kernel point), so no thread divides its flat index by L.
 struct Launch {
   dim3 grid;
   int shift;
@@ -61,10 +37,55 @@ struct Launch {
 template <int D>
 Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n) {
   const int shift = team_shift(geo.channels_per_offset_group());
-  const int64_t threads = (n * geo.offset_groups * geo.kernel_points * geo.out_plane) << shift;
-  const int64_t blocks = std::clamp<int64_t>((threads + kThreads - 1) / kThreads, 1, int64_t(1) << 20);
-  return {dim3(static_cast<unsigned>(blocks)), shift, at::cuda::getCurrentCUDAStream()};
+  const int64_t teams_per_block = kThreads >> shift;
+  const int64_t blocks_x = (geo.out_plane + teams_per_block - 1) / teams_per_block;
+  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
+  return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift,
+          at::cuda::getCurrentCUDAStream()};
 }
+
+// One team's sample point and this lane's walk over the channels of its offset group.
+//
+// Channel c of the point goes to column (gc*n*L + b_local*L + l)*R + k*C_in/G + (c - gc*C_in/G)
+// of the (G, n*L, R) columns, gc = c / (C_in/G) its conv group; the walk keeps gc's part of
+// that index up to date instead of dividing per channel.
+template <int D, typename coord_t>
+struct TeamPoint {
+  int64_t b_local, g, k;
+  Stencil<D, coord_t> stencil;  // indices scaled by C_in: they address the channels-last input
+  coord_t modulation;
+  int64_t c, c_end;  // this lane's channels: c, c + team, ... < c_end
+  int64_t in_per_group, group_end, group_jump, column_base;
+
+  template <typename scalar_t>
+  __device__ __forceinline__ TeamPoint(const ConvGeometry<D>& geo, const scalar_t* offset, const scalar_t* mask,
+                                       int64_t b0, int64_t n, int64_t row, int64_t l, int lane) {
+    k = row % geo.kernel_points;
+    g = (row / geo.kernel_points) % geo.offset_groups;
+    b_local = row / (geo.kernel_points * geo.offset_groups);
+    modulation = load_sample_point(geo, offset, mask, b0 + b_local, g, k, l, stencil);
+    for (int corner = 0; corner < Stencil<D, coord_t>::kCorners; ++corner) stencil.index[corner] *= geo.in_channels;
+    const int64_t per_group = geo.channels_per_offset_group();
+    in_per_group = geo.in_channels / geo.groups;
+    const int64_t rows_per_group = in_per_group * geo.kernel_points;
+    c = g * per_group + lane;
+    c_end = (g + 1) * per_group;
+    const int64_t conv_group = c / in_per_group;
+    group_end = (conv_group + 1) * in_per_group;
+    group_jump = n * geo.out_plane * rows_per_group - in_per_group;
+    column_base =
+        ((conv_group * n + b_local) * geo.out_plane + l) * rows_per_group + k * in_per_group - conv_group * in_per_group;
+  }
+
+  // Column index of the current channel c.
+  __device__ __forceinline__ int64_t column() {
+    while (c >= group_end) {
+      group_end += in_per_group;
+      column_base += group_jump;
+    }
+    return column_base + c;
+  }
+};
 
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -72,28 +93,24 @@ __global__ void __launch_bounds__(kThreads)
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, scalar_t* __restrict__ columns) {
   using coord_t = at::opmath_type<scalar_t>;
-  const int64_t points = n * geo.offset_groups * geo.kernel_points * geo.out_plane;
-  const int64_t per_group = geo.channels_per_offset_group();
   const int team = 1 << shift;
-  const int lane = threadIdx.x & (team - 1);
-  const int64_t step = (static_cast<int64_t>(gridDim.x) * kThreads) >> shift;
-  for (int64_t point = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> shift; point < points;
-       point += step) {
-    const PointIndex p = split_point(geo, point);
-    const int64_t b = b0 + p.b_local;
-    Stencil<D, coord_t> stencil;
-    const coord_t modulation = load_sample_point(geo, offset, mask, b, p.g, p.k, p.l, stencil);
-    const scalar_t* sample_input = input + b * geo.in_plane * geo.in_channels;
-    for (int64_t c = p.g * per_group + lane; c < (p.g + 1) * per_group; c += team) {
-      const coord_t value = interpolate<D, coord_t>(stencil, sample_input + c, geo.in_channels);
-      columns[column_index(geo, n, p, c)] = static_cast<scalar_t>(modulation * value);
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * (kThreads >> shift) + (threadIdx.x >> shift);
+  if (l >= geo.out_plane) return;
+  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    TeamPoint<D, coord_t> p(geo, offset, mask, b0, n, row, l, threadIdx.x & (team - 1));
+    const scalar_t* sample_input = input + (b0 + p.b_local) * geo.in_plane * geo.in_channels;
+    for (; p.c < p.c_end; p.c += team) {
+      const coord_t value = interpolate<D, coord_t>(p.stencil, sample_input + p.c);
+      columns[p.column()] = static_cast<scalar_t>(p.modulation * value);
     }
   }
 }
 
 // One pass for all sampling gradients: each (point, channel) reads its gradient column once,
-// adds its share to the point's offset and mask gradients and scatters into grad_input (fp32 for
-// half types, so the atomics are native fp32/fp64 adds).
+// adds its share to the point's offset and mask gradients (summed over the team with shuffles)
+// and scatters into grad_input (fp32 for half types, so the atomics are native fp32/fp64 adds;
+// the team's lanes hit consecutive channels, so they coalesce).
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sampling_grads_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
@@ -102,47 +119,40 @@ __global__ void __launch_bounds__(kThreads)
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
                           at::opmath_type<scalar_t>* __restrict__ grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t points = n * geo.offset_groups * geo.kernel_points * geo.out_plane;
-  const int64_t per_group = geo.channels_per_offset_group();
-  const int64_t C = geo.in_channels;
   const int team = 1 << shift;
   const int lane = threadIdx.x & (team - 1);
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * (kThreads >> shift) + (threadIdx.x >> shift);
+  // Teams past the end stay for the shuffles, which need every lane of the warp.
+  const bool valid = l < geo.out_plane;
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
-  const int64_t step = (static_cast<int64_t>(gridDim.x) * kThreads) >> shift;
-  // The loop runs over the warp's first point so that whole warps iterate together, as the
-  // shuffles below require.
-  const int64_t warp_first_thread = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) & ~int64_t(kWarp - 1);
-  for (int64_t base = warp_first_thread >> shift; base < points; base += step) {
-    const int64_t point = base + ((threadIdx.x & (kWarp - 1)) >> shift);
-    const bool valid = point < points;
+  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
+  const int64_t C = geo.in_channels;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     acc_t grad_pos[D] = {};
     acc_t grad_mod = 0;
-    PointIndex p{};
-    acc_t modulation = 0;
     if (valid) {
-      p = split_point(geo, point);
-      const int64_t b = b0 + p.b_local;
-      Stencil<D, acc_t> stencil;
-      modulation = load_sample_point(geo, offset, mask, b, p.g, p.k, p.l, stencil);
-      const scalar_t* sample_input = input + b * geo.in_plane * C;
+      TeamPoint<D, acc_t> p(geo, offset, mask, b0, n, row, l, lane);
+      const scalar_t* sample_input = input + (b0 + p.b_local) * geo.in_plane * C;
       acc_t* sample_grad_input = grad_input ? grad_input + p.b_local * geo.in_plane * C : nullptr;
-      for (int64_t c = p.g * per_group + lane; c < (p.g + 1) * per_group; c += team) {
-        const acc_t grad = grad_columns[column_index(geo, n, p, c)];
+      for (; p.c < p.c_end; p.c += team) {
+        const acc_t grad = grad_columns[p.column()];
         if (want_position) {
           acc_t dvalue[D];
-          const acc_t value = interpolate_with_position_grad<D, acc_t>(stencil, sample_input + c, dvalue, C);
+          const acc_t value = interpolate_with_position_grad<D, acc_t>(p.stencil, sample_input + p.c, dvalue);
           grad_mod += grad * value;
           for (int a = 0; a < D; ++a) grad_pos[a] += grad * dvalue[a];
         }
         if (sample_grad_input) {
-          const acc_t scaled = grad * modulation;
+          const acc_t scaled = grad * p.modulation;
           for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
-            if (stencil.inside[corner]) {
-              atomicAdd(sample_grad_input + stencil.index[corner] * C + c, scaled * stencil.weight[corner]);
+            if (p.stencil.inside[corner]) {
+              atomicAdd(sample_grad_input + p.stencil.index[corner] + p.c, scaled * p.stencil.weight[corner]);
             }
           }
         }
       }
+      // The offset gradient carries the modulation once per point, not once per channel.
+      for (int a = 0; a < D; ++a) grad_pos[a] *= p.modulation;
     }
     if (!want_position) continue;
     for (int delta = team / 2; delta > 0; delta /= 2) {
@@ -150,12 +160,13 @@ __global__ void __launch_bounds__(kThreads)
       grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
     }
     if (valid && lane == 0) {
-      const int64_t row = point_row(geo, b0 + p.b_local, p.g, p.k);
+      // row = (b_local * G + g) * K + k, so b0 * G * K + row is the point's row in the mask.
+      const int64_t mask_row = b0 * geo.offset_groups * geo.kernel_points + row;
       const int64_t L = geo.out_plane;
       if (grad_offset) {
-        for (int a = 0; a < D; ++a) grad_offset[(row * D + a) * L + p.l] = static_cast<scalar_t>(grad_pos[a] * modulation);
+        for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
       }
-      if (grad_mask) grad_mask[row * L + p.l] = static_cast<scalar_t>(grad_mod);
+      if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
     }
   }
 }
@@ -172,7 +183,8 @@ struct CudaSampler {
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
     const auto l = launch_over_points(geo, n);
-    sample_columns_kernel<D, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    sample_columns_kernel<D, scalar_t>
+        <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
