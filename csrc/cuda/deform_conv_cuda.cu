@@ -26,8 +26,14 @@ inline int team_shift(int64_t channels) {
   return shift;
 }
 
-// Grid: x over output positions l (kThreads >> shift teams per block), y over the n*G*K rows
-// (sample, offset group, kernel point), so no thread divides its flat index by L.
+// Sample points per block tile: at least 32, and at least one per team. Every team gets the
+// same number of points (a power of two divides another), which the shuffles rely on.
+__host__ __device__ __forceinline__ int tile_points(int shift) {
+  return (kThreads >> shift) > 32 ? (kThreads >> shift) : 32;
+}
+
+// Grid: x over tiles of consecutive output positions, y over the n*G*K rows (sample, offset
+// group, kernel point).
 struct Launch {
   dim3 grid;
   int shift;
@@ -37,53 +43,73 @@ struct Launch {
 template <int D>
 Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n) {
   const int shift = team_shift(geo.channels_per_offset_group());
-  const int64_t teams_per_block = kThreads >> shift;
-  const int64_t blocks_x = (geo.out_plane + teams_per_block - 1) / teams_per_block;
+  const int64_t tiles = (geo.out_plane + tile_points(shift) - 1) / tile_points(shift);
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
-  return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift,
+  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift,
           at::cuda::getCurrentCUDAStream()};
 }
 
-// One team's sample point and this lane's walk over the channels of its offset group.
-//
-// Channel c of the point goes to column (gc*n*L + b_local*L + l)*R + k*C_in/G + (c - gc*C_in/G)
-// of the (G, n*L, R) columns, gc = c / (C_in/G) its conv group; the walk keeps gc's part of
-// that index up to date instead of dividing per channel.
+// A tile's sample points, built once per point (phase 1) and then read by every lane that
+// handles one of the point's channels (phase 2). Stencil indices are scaled by C_in, so they
+// address the channels-last input directly.
 template <int D, typename coord_t>
-struct TeamPoint {
-  int64_t b_local, g, k;
-  Stencil<D, coord_t> stencil;  // indices scaled by C_in: they address the channels-last input
+struct PointSlot {
+  Stencil<D, coord_t> stencil;
   coord_t modulation;
-  int64_t c, c_end;  // this lane's channels: c, c + team, ... < c_end
-  int64_t in_per_group, group_end, group_jump, column_base;
+};
 
-  template <typename scalar_t>
-  __device__ __forceinline__ TeamPoint(const ConvGeometry<D>& geo, const scalar_t* offset, const scalar_t* mask,
-                                       int64_t b0, int64_t n, int64_t row, int64_t l, int lane) {
+template <int D, typename coord_t, typename scalar_t>
+__device__ __forceinline__ void build_tile(PointSlot<D, coord_t>* slots, const ConvGeometry<D>& geo,
+                                           const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t g,
+                                           int64_t k, int64_t first_l, int points) {
+  __syncthreads();  // the previous row's readers are done with the slots
+  if (threadIdx.x < points && first_l + threadIdx.x < geo.out_plane) {
+    PointSlot<D, coord_t>& slot = slots[threadIdx.x];
+    slot.modulation = load_sample_point(geo, offset, mask, b, g, k, first_l + threadIdx.x, slot.stencil);
+    for (int corner = 0; corner < Stencil<D, coord_t>::kCorners; ++corner) slot.stencil.index[corner] *= geo.in_channels;
+  }
+  __syncthreads();
+}
+
+// The row (b_local, g, k) of a block and one lane's walk over the channels of offset group g.
+//
+// Channel c of the point at output position l goes to column
+// (gc*n*L + b_local*L + l)*R + k*C_in/G + (c - gc*C_in/G) of the (G, n*L, R) columns, gc being
+// c's conv group; the walk keeps gc's part of that index up to date instead of dividing.
+template <int D>
+struct RowWalk {
+  int64_t b_local, g, k;
+  int64_t first_c, c_end;  // this lane's channels: first_c, first_c + team, ... < c_end
+  int64_t in_per_group, rows_per_group, group_jump, first_group;
+  int64_t n, out_plane;
+
+  __device__ __forceinline__ RowWalk(const ConvGeometry<D>& geo, int64_t n_, int64_t row, int lane)
+      : n(n_), out_plane(geo.out_plane) {
     k = row % geo.kernel_points;
     g = (row / geo.kernel_points) % geo.offset_groups;
     b_local = row / (geo.kernel_points * geo.offset_groups);
-    modulation = load_sample_point(geo, offset, mask, b0 + b_local, g, k, l, stencil);
-    for (int corner = 0; corner < Stencil<D, coord_t>::kCorners; ++corner) stencil.index[corner] *= geo.in_channels;
     const int64_t per_group = geo.channels_per_offset_group();
     in_per_group = geo.in_channels / geo.groups;
-    const int64_t rows_per_group = in_per_group * geo.kernel_points;
-    c = g * per_group + lane;
+    rows_per_group = in_per_group * geo.kernel_points;
+    first_c = g * per_group + lane;
     c_end = (g + 1) * per_group;
-    const int64_t conv_group = c / in_per_group;
-    group_end = (conv_group + 1) * in_per_group;
-    group_jump = n * geo.out_plane * rows_per_group - in_per_group;
-    column_base =
-        ((conv_group * n + b_local) * geo.out_plane + l) * rows_per_group + k * in_per_group - conv_group * in_per_group;
+    first_group = first_c / in_per_group;
+    group_jump = n * out_plane * rows_per_group - in_per_group;
   }
 
-  // Column index of the current channel c.
-  __device__ __forceinline__ int64_t column() {
-    while (c >= group_end) {
-      group_end += in_per_group;
-      column_base += group_jump;
+  // Calls fn(c, column index) for each of this lane's channels of the point at position l.
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_channel(int64_t l, int team, Fn&& fn) const {
+    int64_t group_end = (first_group + 1) * in_per_group;
+    int64_t column_base = ((first_group * n + b_local) * out_plane + l) * rows_per_group + k * in_per_group -
+                          first_group * in_per_group;
+    for (int64_t c = first_c; c < c_end; c += team) {
+      while (c >= group_end) {
+        group_end += in_per_group;
+        column_base += group_jump;
+      }
+      fn(c, column_base + c);
     }
-    return column_base + c;
   }
 };
 
@@ -93,16 +119,22 @@ __global__ void __launch_bounds__(kThreads)
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, scalar_t* __restrict__ columns) {
   using coord_t = at::opmath_type<scalar_t>;
+  __shared__ PointSlot<D, coord_t> slots[kThreads];
   const int team = 1 << shift;
-  const int64_t l = static_cast<int64_t>(blockIdx.x) * (kThreads >> shift) + (threadIdx.x >> shift);
-  if (l >= geo.out_plane) return;
+  const int teams = kThreads >> shift;
+  const int points = tile_points(shift);
+  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    TeamPoint<D, coord_t> p(geo, offset, mask, b0, n, row, l, threadIdx.x & (team - 1));
-    const scalar_t* sample_input = input + (b0 + p.b_local) * geo.in_plane * geo.in_channels;
-    for (; p.c < p.c_end; p.c += team) {
-      const coord_t value = interpolate<D, coord_t>(p.stencil, sample_input + p.c);
-      columns[p.column()] = static_cast<scalar_t>(p.modulation * value);
+    const RowWalk<D> walk(geo, n, row, threadIdx.x & (team - 1));
+    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
+    const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels;
+    for (int t = threadIdx.x >> shift; t < points && first_l + t < geo.out_plane; t += teams) {
+      const Stencil<D, coord_t> stencil = slots[t].stencil;
+      const coord_t modulation = slots[t].modulation;
+      walk.for_each_channel(first_l + t, team, [&](int64_t c, int64_t column) {
+        columns[column] = static_cast<scalar_t>(modulation * interpolate<D, coord_t>(stencil, sample_input + c));
+      });
     }
   }
 }
@@ -119,54 +151,64 @@ __global__ void __launch_bounds__(kThreads)
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
                           at::opmath_type<scalar_t>* __restrict__ grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ PointSlot<D, acc_t> slots[kThreads];
   const int team = 1 << shift;
   const int lane = threadIdx.x & (team - 1);
-  const int64_t l = static_cast<int64_t>(blockIdx.x) * (kThreads >> shift) + (threadIdx.x >> shift);
-  // Teams past the end stay for the shuffles, which need every lane of the warp.
-  const bool valid = l < geo.out_plane;
+  const int teams = kThreads >> shift;
+  const int points = tile_points(shift);
+  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   const int64_t C = geo.in_channels;
+  const int64_t L = geo.out_plane;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    acc_t grad_pos[D] = {};
-    acc_t grad_mod = 0;
-    if (valid) {
-      TeamPoint<D, acc_t> p(geo, offset, mask, b0, n, row, l, lane);
-      const scalar_t* sample_input = input + (b0 + p.b_local) * geo.in_plane * C;
-      acc_t* sample_grad_input = grad_input ? grad_input + p.b_local * geo.in_plane * C : nullptr;
-      for (; p.c < p.c_end; p.c += team) {
-        const acc_t grad = grad_columns[p.column()];
-        if (want_position) {
-          acc_t dvalue[D];
-          const acc_t value = interpolate_with_position_grad<D, acc_t>(p.stencil, sample_input + p.c, dvalue);
-          grad_mod += grad * value;
-          for (int a = 0; a < D; ++a) grad_pos[a] += grad * dvalue[a];
-        }
-        if (sample_grad_input) {
-          const acc_t scaled = grad * p.modulation;
-          for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
-            if (p.stencil.inside[corner]) {
-              atomicAdd(sample_grad_input + p.stencil.index[corner] + p.c, scaled * p.stencil.weight[corner]);
+    const RowWalk<D> walk(geo, n, row, lane);
+    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
+    const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * C;
+    acc_t* sample_grad_input = grad_input ? grad_input + walk.b_local * geo.in_plane * C : nullptr;
+    // Every team runs points / teams iterations (also past the end, as the shuffles need the
+    // whole warp).
+    for (int t = threadIdx.x >> shift; t < points; t += teams) {
+      const int64_t l = first_l + t;
+      const bool valid = l < L;
+      acc_t grad_pos[D] = {};
+      acc_t grad_mod = 0;
+      if (valid) {
+        const Stencil<D, acc_t> stencil = slots[t].stencil;
+        const acc_t modulation = slots[t].modulation;
+        walk.for_each_channel(l, team, [&](int64_t c, int64_t column) {
+          const acc_t grad = grad_columns[column];
+          if (want_position) {
+            acc_t dvalue[D];
+            const acc_t value = interpolate_with_position_grad<D, acc_t>(stencil, sample_input + c, dvalue);
+            grad_mod += grad * value;
+            for (int a = 0; a < D; ++a) grad_pos[a] += grad * dvalue[a];
+          }
+          if (sample_grad_input) {
+            const acc_t scaled = grad * modulation;
+            for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
+              if (stencil.inside[corner]) {
+                atomicAdd(sample_grad_input + stencil.index[corner] + c, scaled * stencil.weight[corner]);
+              }
             }
           }
+        });
+        // The offset gradient carries the modulation once per point, not once per channel.
+        for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
+      }
+      if (!want_position) continue;
+      for (int delta = team / 2; delta > 0; delta /= 2) {
+        for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
+        grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
+      }
+      if (valid && lane == 0) {
+        // row = (b_local * G + g) * K + k, so b0 * G * K + row is the point's row in the mask.
+        const int64_t mask_row = b0 * geo.offset_groups * geo.kernel_points + row;
+        if (grad_offset) {
+          for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
         }
+        if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
       }
-      // The offset gradient carries the modulation once per point, not once per channel.
-      for (int a = 0; a < D; ++a) grad_pos[a] *= p.modulation;
-    }
-    if (!want_position) continue;
-    for (int delta = team / 2; delta > 0; delta /= 2) {
-      for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
-      grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
-    }
-    if (valid && lane == 0) {
-      // row = (b_local * G + g) * K + k, so b0 * G * K + row is the point's row in the mask.
-      const int64_t mask_row = b0 * geo.offset_groups * geo.kernel_points + row;
-      const int64_t L = geo.out_plane;
-      if (grad_offset) {
-        for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
-      }
-      if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
     }
   }
 }
