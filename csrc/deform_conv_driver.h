@@ -4,9 +4,11 @@
 // two kernels over a chunk of n samples starting at sample b0:
 //   sample_columns<D>(geo, input, offset, mask, b0, n, columns)
 //       the sampled, modulated input values of every (sample point, channel)
-//   sampling_grads<D>(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask, grad_input)
-//       writes grad_offset and grad_mask of those samples and accumulates grad_input (a zeroed,
-//       chunk-local buffer); any of the three may be null: not wanted
+//   sampling_grads<D>(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask, grad_input,
+//                     columns)
+//       writes grad_offset and grad_mask of those samples, accumulates grad_input (a zeroed,
+//       chunk-local buffer) and writes the columns as sample_columns does (a backend may fuse
+//       that with the gradients); any of the four may be null: not wanted
 // plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts:
 //
@@ -239,24 +241,26 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
                                   .permute({1, 2, 0, 3})
                                   .to(column_dtype)
                                   .reshape({layout.groups, layout.out_per_group, n * geo.out_plane});
+        column_t* columns_ptr = need_weight ? columns.template mutable_data_ptr<column_t>() : nullptr;
+        if (need_sampling_grads) {
+          const auto grad_cols = layout.grad_columns(w, grad_out, opmath_dtype);
+          at::Tensor grad_input_target;
+          if (need_input) {
+            grad_input_target =
+                grad_input_in_place ? grad_input.narrow(0, b0, n) : grad_input_buffer.narrow(0, 0, n).zero_();
+          }
+          Sampler::template sampling_grads<D>(
+              geo, input_ptr, offset_ptr, mask_ptr, b0, n, grad_cols.template const_data_ptr<opmath_t>(),
+              need_offset ? grad_offset.template mutable_data_ptr<scalar_t>() : nullptr,
+              need_mask ? grad_mask.template mutable_data_ptr<scalar_t>() : nullptr,
+              need_input ? grad_input_target.template mutable_data_ptr<opmath_t>() : nullptr, columns_ptr);
+          if (need_input && !grad_input_in_place) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
+        } else {
+          Sampler::template sample_columns<D>(geo, input_ptr, offset_ptr, mask_ptr, b0, n, columns_ptr);
+        }
         if (need_weight) {
-          Sampler::template sample_columns<D>(geo, input_ptr, offset_ptr, mask_ptr, b0, n,
-                                              columns.template mutable_data_ptr<column_t>());
           gemm_accumulate(grad_weight_rows, grad_out, layout.columns(columns, n, geo.out_plane).transpose(1, 2));
         }
-        if (!need_sampling_grads) continue;
-        const auto grad_cols = layout.grad_columns(w, grad_out, opmath_dtype);
-        at::Tensor grad_input_target;
-        if (need_input) {
-          grad_input_target =
-              grad_input_in_place ? grad_input.narrow(0, b0, n) : grad_input_buffer.narrow(0, 0, n).zero_();
-        }
-        Sampler::template sampling_grads<D>(
-            geo, input_ptr, offset_ptr, mask_ptr, b0, n, grad_cols.template const_data_ptr<opmath_t>(),
-            need_offset ? grad_offset.template mutable_data_ptr<scalar_t>() : nullptr,
-            need_mask ? grad_mask.template mutable_data_ptr<scalar_t>() : nullptr,
-            need_input ? grad_input_target.template mutable_data_ptr<opmath_t>() : nullptr);
-        if (need_input && !grad_input_in_place) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
       }
     });
   }

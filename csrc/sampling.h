@@ -105,32 +105,49 @@ DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_s
   }
 }
 
-// Interpolated value of one channel at the stencil's point: the channel's element at stencil
-// index i is plane[i].
-template <int D, typename acc_t, typename coord_t, typename scalar_t>
-DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane) {
-  acc_t value = 0;
+// V consecutive elements, read or written as one access (16 bytes for V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Interpolated values of V consecutive channels at the stencil's point, where the V channels'
+// elements at stencil index i are plane[i], ..., plane[i + V - 1] (channels-last input; with
+// V = 1, any layout whose channel plane starts at `plane`).
+template <int D, int V, typename acc_t, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE void interpolate_channels(const Stencil<D, coord_t>& s, const scalar_t* plane, acc_t (&value)[V]) {
+  for (int v = 0; v < V; ++v) value[v] = 0;
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
+    const auto corner = *reinterpret_cast<const Pack<scalar_t, V>*>(plane + s.index[c]);
+    const acc_t weight = static_cast<acc_t>(s.weight[c]);
     // Select rather than multiply by the zero weight: 0 * inf would leak a non-finite value of
     // element 0 into points that do not touch it.
-    const acc_t v = static_cast<acc_t>(plane[s.index[c]]);
-    value += s.inside[c] ? static_cast<acc_t>(s.weight[c]) * v : acc_t(0);
+    for (int v = 0; v < V; ++v) value[v] += s.inside[c] ? weight * static_cast<acc_t>(corner.v[v]) : acc_t(0);
   }
-  return value;
 }
 
-// Interpolated value and its derivative with respect to the sample position along each axis.
-// The derivative of a corner weight along axis a is +-prod of the other axes' factors.
 template <int D, typename acc_t, typename coord_t, typename scalar_t>
-DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& s, const scalar_t* plane,
-                                                     acc_t (&grad_pos)[D]) {
-  acc_t value = 0;
-  for (int a = 0; a < D; ++a) grad_pos[a] = 0;
+DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* plane) {
+  acc_t value[1];
+  interpolate_channels<D, 1, acc_t>(s, plane, value);
+  return value[0];
+}
+
+// Interpolated values and their derivatives with respect to the sample position along each
+// axis. The derivative of a corner weight along axis a is +-prod of the other axes' factors.
+template <int D, int V, typename acc_t, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE void interpolate_channels_with_position_grad(const Stencil<D, coord_t>& s, const scalar_t* plane,
+                                                             acc_t (&value)[V], acc_t (&grad_pos)[V][D]) {
+  for (int v = 0; v < V; ++v) {
+    value[v] = 0;
+    for (int a = 0; a < D; ++a) grad_pos[v][a] = 0;
+  }
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
-    const acc_t v = s.inside[c] ? static_cast<acc_t>(plane[s.index[c]]) : acc_t(0);
-    value += static_cast<acc_t>(s.weight[c]) * v;
+    if (!s.inside[c]) continue;
+    const auto corner = *reinterpret_cast<const Pack<scalar_t, V>*>(plane + s.index[c]);
+    acc_t slope[D];
     for (int a = 0; a < D; ++a) {
-      acc_t factor = v;
+      acc_t factor = 1;
       for (int i = 0; i < D; ++i) {
         const int bit = (c >> (D - 1 - i)) & 1;
         if (i == a) {
@@ -139,10 +156,25 @@ DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& 
           factor *= bit ? static_cast<acc_t>(s.frac[i]) : acc_t(1) - static_cast<acc_t>(s.frac[i]);
         }
       }
-      grad_pos[a] += factor;
+      slope[a] = factor;
+    }
+    const acc_t weight = static_cast<acc_t>(s.weight[c]);
+    for (int v = 0; v < V; ++v) {
+      const acc_t x = static_cast<acc_t>(corner.v[v]);
+      value[v] += weight * x;
+      for (int a = 0; a < D; ++a) grad_pos[v][a] += slope[a] * x;
     }
   }
-  return value;
+}
+
+template <int D, typename acc_t, typename coord_t, typename scalar_t>
+DCN_HOST_DEVICE acc_t interpolate_with_position_grad(const Stencil<D, coord_t>& s, const scalar_t* plane,
+                                                     acc_t (&grad_pos)[D]) {
+  acc_t value[1];
+  acc_t grads[1][D];
+  interpolate_channels_with_position_grad<D, 1, acc_t>(s, plane, value, grads);
+  for (int a = 0; a < D; ++a) grad_pos[a] = grads[0][a];
+  return value[0];
 }
 
 // Row of kernel point k of offset group g of sample b in the mask, (B, G*K, L) seen as

@@ -62,12 +62,14 @@ struct CpuSampler {
 
   static int64_t column_budget() { return int64_t(1) << 23; }
 
-  // Two passes: offset and mask gradients own one (point, offset group) each, input gradients
-  // one channel plane each, so neither needs atomics.
+  // Separate passes: offset and mask gradients own one (point, offset group) each, input
+  // gradients one channel plane each, so neither needs atomics.
   template <int D, typename scalar_t>
   static void sampling_grads(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
-                             scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input) {
+                             scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
+                             column_t<scalar_t>* columns) {
+    if (columns) sample_columns(geo, input, offset, mask, b0, n, columns);
     if (grad_offset || grad_mask) position_grads(geo, input, offset, mask, b0, n, grad_columns, grad_offset, grad_mask);
     if (grad_input) input_grads(geo, offset, mask, b0, n, grad_columns, grad_input);
   }

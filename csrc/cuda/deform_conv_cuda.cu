@@ -19,10 +19,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
-// log2 of the team size: the smallest power of two covering the channels, at most a warp.
-inline int team_shift(int64_t channels) {
+// log2 of the team size: the smallest power of two covering the channel packs, at most a warp.
+inline int team_shift(int64_t packs) {
   int shift = 0;
-  while ((int64_t(1) << shift) < channels && (1 << shift) < 32) ++shift;
+  while ((int64_t(1) << shift) < packs && (1 << shift) < 32) ++shift;
   return shift;
 }
 
@@ -32,20 +32,30 @@ __host__ __device__ __forceinline__ int tile_points(int shift) {
   return (kThreads >> shift) > 32 ? (kThreads >> shift) : 32;
 }
 
-// Grid: x over tiles of consecutive output positions, y over the n*G*K rows (sample, offset
-// group, kernel point).
+// How a kernel covers a chunk. Lanes take packs of `pack` consecutive channels (16-byte
+// accesses) when the channel counts and pointers allow it, else single channels. Grid: x over
+// tiles of consecutive output positions, y over the n*G*K rows (sample, offset group, kernel
+// point).
 struct Launch {
   dim3 grid;
   int shift;
+  int pack;
   cudaStream_t stream;
 };
 
+// Packs of fp32 gradient columns span 32 bytes (8 channels of a half type).
+inline bool pack_aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 32 == 0; }
+
 template <int D>
-Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n) {
-  const int shift = team_shift(geo.channels_per_offset_group());
+Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack, std::initializer_list<const void*> pointers) {
+  const int64_t per_group = geo.channels_per_offset_group();
+  bool vectorize = per_group % vector_pack == 0 && (geo.in_channels / geo.groups) % vector_pack == 0;
+  for (const void* ptr : pointers) vectorize = vectorize && pack_aligned(ptr);
+  const int pack = vectorize ? vector_pack : 1;
+  const int shift = team_shift(per_group / pack);
   const int64_t tiles = (geo.out_plane + tile_points(shift) - 1) / tile_points(shift);
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
-  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift,
+  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift, pack,
           at::cuda::getCurrentCUDAStream()};
 }
 
@@ -75,11 +85,12 @@ __device__ __forceinline__ void build_tile(PointSlot<D, coord_t>* slots, const C
 //
 // Channel c of the point at output position l goes to column
 // (gc*n*L + b_local*L + l)*R + k*C_in/G + (c - gc*C_in/G) of the (G, n*L, R) columns, gc being
-// c's conv group; the walk keeps gc's part of that index up to date instead of dividing.
-template <int D>
+// c's conv group; the walk keeps gc's part of that index up to date instead of dividing. A pack
+// never straddles two groups: packing requires C_in/G and C_in/offset_groups to be multiples.
+template <int D, int V>
 struct RowWalk {
   int64_t b_local, g, k;
-  int64_t first_c, c_end;  // this lane's channels: first_c, first_c + team, ... < c_end
+  int64_t first_c, c_end;  // this lane's packs start at first_c, first_c + team * V, ... < c_end
   int64_t in_per_group, rows_per_group, group_jump, first_group;
   int64_t n, out_plane;
 
@@ -91,19 +102,20 @@ struct RowWalk {
     const int64_t per_group = geo.channels_per_offset_group();
     in_per_group = geo.in_channels / geo.groups;
     rows_per_group = in_per_group * geo.kernel_points;
-    first_c = g * per_group + lane;
+    first_c = g * per_group + lane * V;
     c_end = (g + 1) * per_group;
     first_group = first_c / in_per_group;
     group_jump = n * out_plane * rows_per_group - in_per_group;
   }
 
-  // Calls fn(c, column index) for each of this lane's channels of the point at position l.
+  // Calls fn(c, column index of c) for the first channel c of each of this lane's packs of the
+  // point at output position l.
   template <typename Fn>
-  __device__ __forceinline__ void for_each_channel(int64_t l, int team, Fn&& fn) const {
+  __device__ __forceinline__ void for_each_pack(int64_t l, int team, Fn&& fn) const {
     int64_t group_end = (first_group + 1) * in_per_group;
     int64_t column_base = ((first_group * n + b_local) * out_plane + l) * rows_per_group + k * in_per_group -
                           first_group * in_per_group;
-    for (int64_t c = first_c; c < c_end; c += team) {
+    for (int64_t c = first_c; c < c_end; c += team * V) {
       while (c >= group_end) {
         group_end += in_per_group;
         column_base += group_jump;
@@ -113,7 +125,14 @@ struct RowWalk {
   }
 };
 
-template <int D, typename scalar_t>
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (&values)[V], at::opmath_type<T> scale) {
+  Pack<T, V> pack;
+  for (int v = 0; v < V; ++v) pack.v[v] = static_cast<T>(scale * values[v]);
+  *reinterpret_cast<Pack<T, V>*>(target) = pack;
+}
+
+template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sample_columns_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
@@ -126,14 +145,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D> walk(geo, n, row, threadIdx.x & (team - 1));
+    const RowWalk<D, V> walk(geo, n, row, threadIdx.x & (team - 1));
     build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels;
     for (int t = threadIdx.x >> shift; t < points && first_l + t < geo.out_plane; t += teams) {
       const Stencil<D, coord_t> stencil = slots[t].stencil;
       const coord_t modulation = slots[t].modulation;
-      walk.for_each_channel(first_l + t, team, [&](int64_t c, int64_t column) {
-        columns[column] = static_cast<scalar_t>(modulation * interpolate<D, coord_t>(stencil, sample_input + c));
+      walk.for_each_pack(first_l + t, team, [&](int64_t c, int64_t column) {
+        coord_t values[V];
+        interpolate_channels<D, V>(stencil, sample_input + c, values);
+        store_pack<scalar_t, V>(columns + column, values, modulation);
       });
     }
   }
@@ -142,14 +163,15 @@ __global__ void __launch_bounds__(kThreads)
 // One pass for all sampling gradients: each (point, channel) reads its gradient column once,
 // adds its share to the point's offset and mask gradients (summed over the team with shuffles)
 // and scatters into grad_input (fp32 for half types, so the atomics are native fp32/fp64 adds;
-// the team's lanes hit consecutive channels, so they coalesce).
-template <int D, typename scalar_t>
+// the team's lanes hit consecutive channels, so they coalesce). It can also write the sampled
+// columns, which it computes anyway, for the weight gradient.
+template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sampling_grads_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, const at::opmath_type<scalar_t>* __restrict__ grad_columns,
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
-                          at::opmath_type<scalar_t>* __restrict__ grad_input) {
+                          at::opmath_type<scalar_t>* __restrict__ grad_input, scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ PointSlot<D, acc_t> slots[kThreads];
   const int team = 1 << shift;
@@ -162,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = geo.in_channels;
   const int64_t L = geo.out_plane;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D> walk(geo, n, row, lane);
+    const RowWalk<D, V> walk(geo, n, row, lane);
     build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * C;
     acc_t* sample_grad_input = grad_input ? grad_input + walk.b_local * geo.in_plane * C : nullptr;
@@ -176,20 +198,24 @@ __global__ void __launch_bounds__(kThreads)
       if (valid) {
         const Stencil<D, acc_t> stencil = slots[t].stencil;
         const acc_t modulation = slots[t].modulation;
-        walk.for_each_channel(l, team, [&](int64_t c, int64_t column) {
-          const acc_t grad = grad_columns[column];
-          if (want_position) {
-            acc_t dvalue[D];
-            const acc_t value = interpolate_with_position_grad<D, acc_t>(stencil, sample_input + c, dvalue);
-            grad_mod += grad * value;
-            for (int a = 0; a < D; ++a) grad_pos[a] += grad * dvalue[a];
+        walk.for_each_pack(l, team, [&](int64_t c, int64_t column) {
+          const auto grad = *reinterpret_cast<const Pack<acc_t, V>*>(grad_columns + column);
+          if (want_position || columns) {
+            acc_t values[V];
+            acc_t dvalues[V][D];
+            interpolate_channels_with_position_grad<D, V>(stencil, sample_input + c, values, dvalues);
+            for (int v = 0; v < V; ++v) {
+              grad_mod += grad.v[v] * values[v];
+              for (int a = 0; a < D; ++a) grad_pos[a] += grad.v[v] * dvalues[v][a];
+            }
+            if (columns) store_pack<scalar_t, V>(columns + column, values, modulation);
           }
           if (sample_grad_input) {
-            const acc_t scaled = grad * modulation;
             for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
-              if (stencil.inside[corner]) {
-                atomicAdd(sample_grad_input + stencil.index[corner] + c, scaled * stencil.weight[corner]);
-              }
+              if (!stencil.inside[corner]) continue;
+              acc_t* target = sample_grad_input + stencil.index[corner] + c;
+              const acc_t scale = modulation * stencil.weight[corner];
+              for (int v = 0; v < V; ++v) atomicAdd(target + v, grad.v[v] * scale);
             }
           }
         });
@@ -224,19 +250,32 @@ struct CudaSampler {
   template <int D, typename scalar_t>
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
-    const auto l = launch_over_points(geo, n);
-    sample_columns_kernel<D, scalar_t>
-        <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    constexpr int kPack = 16 / sizeof(scalar_t);
+    const auto l = launch_over_points(geo, n, kPack, {input, columns});
+    if (l.pack == kPack) {
+      sample_columns_kernel<D, kPack, scalar_t>
+          <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    } else {
+      sample_columns_kernel<D, 1, scalar_t>
+          <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <int D, typename scalar_t>
   static void sampling_grads(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
-                             scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input) {
-    const auto l = launch_over_points(geo, n);
-    sampling_grads_kernel<D, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
-        geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset, grad_mask, grad_input);
+                             scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
+                             scalar_t* columns) {
+    constexpr int kPack = 16 / sizeof(scalar_t);
+    const auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
+    if (l.pack == kPack) {
+      sampling_grads_kernel<D, kPack, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
+          geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset, grad_mask, grad_input, columns);
+    } else {
+      sampling_grads_kernel<D, 1, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
+          geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset, grad_mask, grad_input, columns);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
