@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../deform_conv_driver.h"
 
 namespace dcnlab {
@@ -43,8 +45,7 @@ struct Launch {
   cudaStream_t stream;
 };
 
-// Packs of fp32 gradient columns span 32 bytes (8 channels of a half type).
-inline bool pack_aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 32 == 0; }
+inline bool pack_aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <int D>
 Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack, std::initializer_list<const void*> pointers) {
@@ -132,6 +133,19 @@ __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (
   *reinterpret_cast<Pack<T, V>*>(target) = pack;
 }
 
+// grad_input[target + v] += values[v] for the V channels of a pack. On Hopper a pack of four
+// floats is one vector atomic; elsewhere it is V scalar ones.
+template <int V, typename acc_t>
+__device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&values)[V]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (std::is_same_v<acc_t, float> && V == 4) {
+    atomicAdd(reinterpret_cast<float4*>(target), make_float4(values[0], values[1], values[2], values[3]));
+    return;
+  }
+#endif
+  for (int v = 0; v < V; ++v) atomicAdd(target + v, values[v]);
+}
+
 template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sample_columns_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
@@ -213,9 +227,10 @@ __global__ void __launch_bounds__(kThreads)
           if (sample_grad_input) {
             for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
               if (!stencil.inside[corner]) continue;
-              acc_t* target = sample_grad_input + stencil.index[corner] + c;
               const acc_t scale = modulation * stencil.weight[corner];
-              for (int v = 0; v < V; ++v) atomicAdd(target + v, grad.v[v] * scale);
+              acc_t scaled[V];
+              for (int v = 0; v < V; ++v) scaled[v] = grad.v[v] * scale;
+              atomic_add_pack<V>(sample_grad_input + stencil.index[corner] + c, scaled);
             }
           }
         });
@@ -267,7 +282,8 @@ struct CudaSampler {
                              const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
                              scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
                              scalar_t* columns) {
-    constexpr int kPack = 16 / sizeof(scalar_t);
+    // Packs of 16 bytes of the fp32 (fp64) gradients, so that each atomic is one vector add.
+    constexpr int kPack = 16 / sizeof(at::opmath_type<scalar_t>);
     const auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
     if (l.pack == kPack) {
       sampling_grads_kernel<D, kPack, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
