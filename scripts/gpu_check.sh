@@ -28,7 +28,7 @@ else
   exit 1
 fi
 
-python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1
+python3 -m pytest -m gpu tests ${PYTEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 status+=("gpu tests: $(tail -n 1 "$OUT/gpu_tests.log") (exit $rc)")
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -n 30
