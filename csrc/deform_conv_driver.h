@@ -199,9 +199,14 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
   const auto options = input_arg.options();
   const auto opmath_dtype = at::toOpMathType(input_arg.scalar_type());
 
-  auto grad_input = need_input ? at::zeros(input_arg.sizes(), options) : not_requested(input_arg);
-  auto grad_offset = need_offset ? at::zeros_like(offset) : not_requested(input_arg);
-  auto grad_mask = need_mask ? at::zeros_like(*mask) : not_requested(input_arg);
+  // The samplers write every element of grad_offset and grad_mask, and grad_input is either
+  // accumulated in place (zeroed here) or copied whole from a zeroed buffer.
+  const bool grad_input_in_place = !Sampler::kChannelsLast && input_arg.scalar_type() == opmath_dtype;
+  auto grad_input = need_input ? (grad_input_in_place ? at::zeros(input_arg.sizes(), options)
+                                                      : at::empty(input_arg.sizes(), options))
+                               : not_requested(input_arg);
+  auto grad_offset = need_offset ? at::empty_like(offset) : not_requested(input_arg);
+  auto grad_mask = need_mask ? at::empty_like(*mask) : not_requested(input_arg);
   auto grad_bias = not_requested(input_arg);
   if (need_bias) {
     std::vector<int64_t> reduced_dims{0};
@@ -218,7 +223,6 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
     const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
     // grad_input accumulates in an opmath buffer, one chunk at a time, except when it already
     // has the buffer's dtype and layout.
-    const bool grad_input_in_place = !Sampler::kChannelsLast && input.scalar_type() == opmath_dtype;
     const auto grad_input_buffer = need_input && !grad_input_in_place
                                        ? layout.grad_input_buffer(chunk, geo, options.dtype(opmath_dtype))
                                        : at::Tensor();
