@@ -22,29 +22,46 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--sets", type=int, default=4, help="input sets to rotate through (defeats the L2 cache)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     batch, channels, *spatial = args.shape
     dims = len(spatial)
     points = args.kernel**dims
-    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
-    tensors = [
-        make(batch, channels, *spatial),
-        make(batch, points * dims, *spatial),
-        make(channels, channels, *([args.kernel] * dims)),
-        make(channels),
+    def make(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    input_sets = [
+        (
+            make(batch, channels, *spatial),
+            make(batch, points * dims, *spatial),
+            make(channels, channels, *([args.kernel] * dims), scale=1 / math.sqrt(channels * points)),
+            make(channels),
+            torch.rand(batch, points, *spatial, device=device, dtype=dtype).requires_grad_(),
+        )
+        for _ in range(args.sets)
     ]
-    mask = torch.rand(batch, points, *spatial, device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        tensors[2] /= math.sqrt(channels * points)
+    calls = 0
 
     def step() -> None:
-        out = dcnlab.ops.deform_conv(*tensors, 1, args.kernel // 2, 1, mask)
-        torch.autograd.grad(out, [*tensors, mask], torch.ones_like(out))
+        nonlocal calls
+        input, offset, weight, bias, mask = input_sets[calls % len(input_sets)]
+        calls += 1
+        out = dcnlab.ops.deform_conv(input, offset, weight, bias, 1, args.kernel // 2, 1, mask)
+        torch.autograd.grad(out, [input, offset, weight, bias, mask], torch.ones_like(out))
 
     for _ in range(3):
         step()
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(20):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"wall per fwd+bwd without profiler: {start.elapsed_time(end) / 20:.3f} ms")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.runs):
