@@ -1,6 +1,6 @@
 """Kernel-level time breakdown of one dcnlab.ops.deform_conv forward+backward (torch.profiler).
 
-    python scripts/profile_op.py --shape 32 256 28 28 --kernel 3 --dtype bfloat16
+python scripts/profile_op.py --shape 32 256 28 28 --kernel 3 --dtype bfloat16
 """
 
 import argparse
@@ -29,6 +29,7 @@ def main() -> None:
     batch, channels, *spatial = args.shape
     dims = len(spatial)
     points = args.kernel**dims
+
     def make(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 

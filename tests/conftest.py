@@ -105,6 +105,11 @@ class DeformConvCase:
         """Positional arguments in the op's (and torchvision's) order."""
         return (self.input, self.offset, self.weight, self.bias, self.stride, self.padding, self.dilation, self.mask)
 
+    def backward_args(self, grad_output: Tensor, output_mask: Sequence[bool] = (True,) * 5) -> tuple:
+        """Positional arguments of torch.ops.dcnlab.deform_conv_backward."""
+        conv_params = (list(self.stride), list(self.padding), list(self.dilation))
+        return (grad_output, self.input, self.offset, self.weight, self.mask, *conv_params, list(output_mask))
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> "DeformConvCase":
         """A copy with fn applied to every present tensor."""
         return replace(self, **{name: fn(t) for name, t in self.tensors().items()})

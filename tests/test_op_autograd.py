@@ -185,17 +185,7 @@ def test_opcheck_forward_op(config):
 )
 def test_opcheck_backward_op(output_mask):
     case = _case(2, seed=530)
-    args = (
-        random_grad_output(case),
-        case.input,
-        case.offset,
-        case.weight,
-        case.mask,
-        list(case.stride),
-        list(case.padding),
-        list(case.dilation),
-        output_mask,
-    )
+    args = case.backward_args(random_grad_output(case), output_mask)
     tests = ("test_schema", "test_faketensor")
     result = torch.library.opcheck(torch.ops.dcnlab.deform_conv_backward.default, args, test_utils=tests)
     assert result == dict.fromkeys(tests, "SUCCESS")

@@ -55,8 +55,18 @@ def test_cuda_matches_float64_reference_on_output_and_all_gradients(dims, dtype,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cuda_2d_matches_torchvision(dtype):
-    case = make_case(2, in_channels=8, out_channels=6, groups=2, offset_groups=2, in_size=(9, 11), stride=(1, 2),
-                     padding=1, dilation=(2, 1), offset_scale=1.5)
+    case = make_case(
+        2,
+        in_channels=8,
+        out_channels=6,
+        groups=2,
+        offset_groups=2,
+        in_size=(9, 11),
+        stride=(1, 2),
+        padding=1,
+        dilation=(2, 1),
+        offset_scale=1.5,
+    )
     case = case.to(dtype=dtype, device="cuda")
     grad_output = random_grad_output(case)
     expected, expected_grads = run_with_grads(torchvision.ops.deform_conv2d, case, grad_output)

@@ -41,13 +41,19 @@ CONFIGS = {
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
 @pytest.mark.parametrize("seed, config", list(enumerate(CONFIGS.values())), ids=CONFIGS.keys())
 def test_half_output_and_gradients_match_float64_reference_on_rounded_inputs(seed, config, dtype):
-    case = make_case(dtype=dtype, **config, seed=200 + seed)
+    _assert_matches_reference_on_rounded_inputs(make_case(dtype=dtype, **config, seed=200 + seed), dtype)
+
+
+def _assert_matches_reference_on_rounded_inputs(case, dtype):
+    """Output and gradients in `dtype`, within HALF_REL of the float64 reference; returns the
+    reference output."""
     grad_output = random_grad_output(case)
     output, grads = run_with_grads(deform_conv, case, grad_output)
     expected_output, expected_grads = _reference_with_grads(case, grad_output)
     _assert_dtype_everywhere(output, grads, dtype)
     assert_close_to_scale(output, expected_output, HALF_REL[dtype], "output")
     assert_grads_close(grads, expected_grads, HALF_REL[dtype])
+    return expected_output
 
 
 def _far_positions_case(dtype):
@@ -75,12 +81,7 @@ def test_sample_positions_beyond_256_are_computed_in_fp32(dtype):
     inside = (positions > -1) & (positions < 320)
     assert (positions[inside] > 256).float().mean() > 0.1
     assert (positions.to(dtype).double() != positions)[inside].float().mean() > 0.1  # not representable in dtype
-    grad_output = random_grad_output(case)
-    output, grads = run_with_grads(deform_conv, case, grad_output)
-    expected_output, expected_grads = _reference_with_grads(case, grad_output)
-    _assert_dtype_everywhere(output, grads, dtype)
-    assert_close_to_scale(output, expected_output, HALF_REL[dtype], "output")
-    assert_grads_close(grads, expected_grads, HALF_REL[dtype])
+    expected_output = _assert_matches_reference_on_rounded_inputs(case, dtype)
 
     # Positions rounded to the tensor dtype (what half-precision coordinate math gives) would
     # miss that tolerance by far: the comparison above can tell the two apart.

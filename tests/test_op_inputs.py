@@ -152,23 +152,13 @@ def test_backward_op_rejects_wrongly_shaped_grad_output():
     case = _base_case()
     grad_output = random_grad_output(case)
     backward = torch.ops.dcnlab.deform_conv_backward.default
-    common = (
-        case.input,
-        case.offset,
-        case.weight,
-        case.mask,
-        list(case.stride),
-        list(case.padding),
-        list(case.dilation),
-        [True] * 5,
-    )
-    assert backward(grad_output, *common)[0].shape == case.input.shape
+    assert backward(*case.backward_args(grad_output))[0].shape == case.input.shape
     expected = r"^grad_output: expected shape \[2, 4, 5, 5\] \(B, C_out, \*out_spatial\)"
     for bad in (grad_output[:, :3], grad_output[:1], grad_output[..., :4], grad_output[:, :, None]):
         with pytest.raises(ValueError, match=expected):
-            backward(bad, *common)
+            backward(*case.backward_args(bad))
     with pytest.raises(ValueError, match=r"^grad_output: expected dtype Double"):
-        backward(grad_output.float(), *common)
+        backward(*case.backward_args(grad_output.float()))
 
 
 # --- memory layouts and empty batches ---------------------------------------------------------
