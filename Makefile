@@ -13,11 +13,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PINS) setuptools wheel ninja pytest numpy
+	$(PY) -m pip install -q $(TORCH_PINS) setuptools wheel ninja pytest numpy ruff
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: setup

@@ -10,7 +10,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         f"Original error: {error}"
     ) from error
 
-from dcnlab import ops  # noqa: E402
+from dcnlab import nn, ops  # noqa: E402
 
-__all__ = ["ops"]
+__all__ = ["nn", "ops"]
 __version__ = "0.1.0"

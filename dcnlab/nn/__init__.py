@@ -1,0 +1,5 @@
+"""Deformable convolution layers."""
+
+from dcnlab.nn.deform_conv import DeformConv1d, DeformConv2d, DeformConv3d
+
+__all__ = ["DeformConv1d", "DeformConv2d", "DeformConv3d"]
