@@ -1,5 +1,7 @@
 """dcnlab: N-D (1D/2D/3D) modulated deformable convolution for PyTorch."""
 
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 try:
     from dcnlab import _C  # noqa: F401  (registers the dcnlab:: ops with the dispatcher)
 except ImportError as error:  # pragma: no cover - depends on the install
