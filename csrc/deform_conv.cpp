@@ -76,8 +76,8 @@ void check_deform_conv_args(const at::Tensor& input, const at::Tensor& offset, c
                     " must be divisible by groups = ", groups, " (C_in / weight.shape[1])");
   int64_t kernel_points = 1;
   for (int64_t a = 0; a < dims; ++a) {
-    TORCH_CHECK_VALUE(weight.size(a + 2) > 0, "weight: expected a non-empty kernel, got shape ",
-                      shape_str(weight.sizes()));
+    TORCH_CHECK_VALUE(weight.size(a + 2) > 0 && weight.size(a + 2) < (int64_t(1) << 31),
+                      "weight: expected kernel sizes in [1, 2^31), got shape ", shape_str(weight.sizes()));
     kernel_points *= weight.size(a + 2);
   }
 

@@ -51,7 +51,7 @@ BAD_ARGUMENTS = {
         r"^weight: C_out = 3 must be divisible by groups = 2",
     ),
     "weight-dims": (dict(weight=_zeros(4, 4, 9)), r"^weight: expected a 4-D tensor"),
-    "weight-empty-kernel": (dict(weight=_zeros(4, 4, 0, 3)), r"^weight: expected a non-empty kernel"),
+    "weight-empty-kernel": (dict(weight=_zeros(4, 4, 0, 3)), r"^weight: expected kernel sizes in \[1, 2\^31\)"),
     "input-integer-dtype": (dict(input=torch.ones(2, 4, 7, 7, dtype=torch.int64)), r"^input: expected dtype float32"),
     "input-empty-spatial": (dict(input=_zeros(2, 4, 0, 7)), r"^input: expected non-empty spatial dims"),
     "offset-dtype": (
@@ -346,3 +346,26 @@ def test_broadcast_mask_and_offset_views_give_same_results_as_materialised():
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
     torch.testing.assert_close(small_offset.grad, expected_grads["offset"].sum(0, keepdim=True))
     torch.testing.assert_close(small_mask.grad, expected_grads["mask"].sum(0, keepdim=True))
+
+
+def test_non_finite_gradient_of_an_outside_point_does_not_reach_input_element_0():
+    input = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 2, 1, 1, dtype=torch.float64)
+    offset = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    offset[0, :, 0, 0] = 100.0  # the point of output (0, 0) lies far outside
+    grad_output = torch.ones(1, 2, 4, 4, dtype=torch.float64)
+    grad_output[0, :, 0, 0] = float("inf")
+    (grad_input,) = torch.autograd.grad(deform_conv(input, offset, weight), input, grad_output)
+    (expected,) = torch.autograd.grad(deform_conv_reference(input, offset, weight), input, grad_output)
+    assert torch.isfinite(grad_input).all()
+    torch.testing.assert_close(grad_input, expected)
+
+
+def test_reference_handles_an_empty_batch():
+    case = replace(_base_case(), input=_zeros(0, 4, 7, 7), offset=_zeros(0, 18, 5, 5), mask=_zeros(0, 9, 5, 5))
+    assert deform_conv_reference(*case.args()).shape == (0, 4, 5, 5)
+
+
+def test_bool_conv_params_are_rejected_in_sequences_too():
+    with pytest.raises(ValueError, match="^stride: expected an int or a sequence of 2 ints"):
+        deform_conv(*replace(_base_case(), stride=(True, 1)).args())

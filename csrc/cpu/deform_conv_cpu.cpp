@@ -178,7 +178,11 @@ struct CpuSampler {
             for (int64_t t = 0; t < tile.count; ++t) {
               const acc_t grad = grad_column[tile.column[t]] * tile.modulation[t];
               for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {
-                plane[tile.stencil[t].index[corner]] += grad * tile.stencil[t].weight[corner];
+                // Skip outside corners: a non-finite gradient times their zero weight would put
+                // NaN into element 0.
+                if (tile.stencil[t].inside[corner]) {
+                  plane[tile.stencil[t].index[corner]] += grad * tile.stencil[t].weight[corner];
+                }
               }
             }
           }

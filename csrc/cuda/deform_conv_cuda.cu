@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads)
         const acc_t modulation = slots[t].modulation;
         walk.for_each_pack(l, team, [&](int64_t c, int64_t column) {
           const auto grad = *reinterpret_cast<const Pack<acc_t, V>*>(grad_columns + column);
-          if (want_position || columns) {
+          if (want_position) {
             acc_t values[V];
             acc_t dvalues[V][D];
             interpolate_channels_with_position_grad<D, V>(stencil, sample_input + c, values, dvalues);
@@ -223,6 +223,10 @@ __global__ void __launch_bounds__(kThreads)
               for (int a = 0; a < D; ++a) grad_pos[a] += grad.v[v] * dvalues[v][a];
             }
             if (columns) store_pack<scalar_t, V>(columns + column, values, modulation);
+          } else if (columns) {
+            acc_t values[V];
+            interpolate_channels<D, V>(stencil, sample_input + c, values);
+            store_pack<scalar_t, V>(columns + column, values, modulation);
           }
           if (sample_grad_input) {
             for (int corner = 0; corner < Stencil<D, acc_t>::kCorners; ++corner) {

@@ -75,13 +75,15 @@ def deform_conv_reference(
         inside = ((point >= 0) & (point < in_size_t)).all(dim=-1) & in_range
         corner_weight = torch.where(corner_t.bool(), frac, 1 - frac).prod(dim=-1) * inside
         flat = (torch.where(inside[..., None], point, torch.zeros_like(point)) * row_major).sum(dim=-1)
-        flat = flat.reshape(batch, offset_groups, 1, -1).expand(-1, -1, per_offset_group, -1)
-        values = torch.gather(planes, 3, flat) * corner_weight.reshape(batch, offset_groups, 1, -1).to(input.dtype)
+        flat = flat.reshape(batch, offset_groups, 1, kernel_points * out_plane).expand(-1, -1, per_offset_group, -1)
+        values = torch.gather(planes, 3, flat) * corner_weight.reshape(
+            batch, offset_groups, 1, kernel_points * out_plane
+        ).to(input.dtype)
         # A corner outside the input reads element 0 with weight 0; drop it rather than let a
         # non-finite element 0 turn 0 * inf into NaN.
-        sampled = sampled + torch.where(inside.reshape(batch, offset_groups, 1, -1), values, 0)
+        sampled = sampled + torch.where(inside.reshape(batch, offset_groups, 1, kernel_points * out_plane), values, 0)
     if mask is not None:
-        sampled = sampled * mask.reshape(batch, offset_groups, 1, -1)
+        sampled = sampled * mask.reshape(batch, offset_groups, 1, kernel_points * out_plane)
 
     columns = sampled.reshape(batch, groups, group_channels * kernel_points, out_plane)
     weight_rows = weight.reshape(groups, out_channels // groups, group_channels * kernel_points)
