@@ -21,7 +21,7 @@ AggregationModulation = Literal["softmax", "unbounded"]
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-class _ChannelLayerNorm(nn.LayerNorm):
+class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channel dim of a (B, C, *spatial) tensor."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ class DCNv3(nn.Module):
         self.input_proj = conv(channels, channels, 1)
         self.offset_branch = nn.Sequential(
             conv(channels, channels, dw_kernel, self.stride, dw_kernel // 2, groups=channels),
-            _ChannelLayerNorm(channels),
+            ChannelLayerNorm(channels),
             nn.GELU(),
         )
         self.offset = conv(channels, groups * self.kernel_points * dims, 1)
