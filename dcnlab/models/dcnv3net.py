@@ -4,9 +4,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dcnlab._nd import CONVS
 from dcnlab.nn import ChannelLayerNorm, DCNv3
-
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class _DepthwiseMixer(nn.Module):
@@ -14,7 +13,7 @@ class _DepthwiseMixer(nn.Module):
 
     def __init__(self, channels: int, dims: int, kernel_size: int) -> None:
         super().__init__()
-        conv = _CONVS[dims]
+        conv = CONVS[dims]
         self.input_proj = conv(channels, channels, 1)
         self.depthwise = conv(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
         self.output_proj = conv(channels, channels, 1)
@@ -28,7 +27,7 @@ class _Block(nn.Module):
 
     def __init__(self, channels: int, dims: int, groups: int, deformable: bool, mlp_ratio: float, **dcn) -> None:
         super().__init__()
-        conv = _CONVS[dims]
+        conv = CONVS[dims]
         self.norm1 = ChannelLayerNorm(channels)
         self.mixer = DCNv3(channels, dims, groups=groups, **dcn) if deformable else _DepthwiseMixer(channels, dims, 3)
         self.norm2 = ChannelLayerNorm(channels)
@@ -67,11 +66,11 @@ class DCNv3Net(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if dim not in _CONVS:
+        if dim not in CONVS:
             raise ValueError(f"dim: expected 1, 2 or 3, got {dim}")
         if channels % group_channels:
             raise ValueError(f"group_channels: expected a divisor of channels={channels}, got {group_channels}")
-        conv = _CONVS[dim]
+        conv = CONVS[dim]
         self.stem = nn.Sequential(
             conv(in_channels, channels // 2, 3, stride=2, padding=1),
             ChannelLayerNorm(channels // 2),

@@ -5,9 +5,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from dcnlab.nn.deform_conv import DeformConv1d, DeformConv2d, DeformConv3d
+from dcnlab._nd import CONVS
+from dcnlab.nn.deform_conv import DEFORM_CONVS
 
-_DEFORMABLE = {nn.Conv1d: DeformConv1d, nn.Conv2d: DeformConv2d, nn.Conv3d: DeformConv3d}
+_DEFORMABLE = {CONVS[dims]: DEFORM_CONVS[dims] for dims in CONVS}
 
 Selector = Callable[[str, nn.Module], bool] | Sequence[str] | None
 

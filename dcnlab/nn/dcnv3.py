@@ -14,11 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
+from dcnlab._nd import CONVS
 from dcnlab.ops import deform_conv
 
 AggregationModulation = Literal["softmax", "unbounded"]
-
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -61,7 +60,7 @@ class DCNv3(nn.Module):
         dw_kernel_size: int | None = None,
     ) -> None:
         super().__init__()
-        if dims not in _CONVS:
+        if dims not in CONVS:
             raise ValueError(f"dims: expected 1, 2 or 3, got {dims}")
         if groups < 1 or channels % groups:
             raise ValueError(f"groups: expected a positive divisor of channels={channels}, got {groups}")
@@ -82,7 +81,7 @@ class DCNv3(nn.Module):
             else expand(padding)
         )
         self.kernel_points = math.prod(self.kernel_size)
-        conv = _CONVS[dims]
+        conv = CONVS[dims]
         dw_kernel = dw_kernel_size or max(self.kernel_size)
         self.input_proj = conv(channels, channels, 1)
         self.offset_branch = nn.Sequential(

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.utils import _ntuple
 
+from dcnlab._nd import CONVS
 from dcnlab.ops import deform_conv
 
 Modulation = Literal["none", "sigmoid", "softmax"]
@@ -84,8 +85,7 @@ class _DeformConvNd(_ConvNd):
         self.offset_scale = offset_scale
         kernel_points = math.prod(kernel_size)
         channels_per_point = self.dims + (modulation != "none")
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
-        self.conv_offset = conv(
+        self.conv_offset = CONVS[self.dims](
             in_channels,
             offset_groups * kernel_points * channels_per_point,
             kernel_size,
@@ -151,7 +151,7 @@ class _DeformConvNd(_ConvNd):
         `conv` is an nn.Conv{d}d; kwargs are the deformable arguments (offset_groups,
         modulation, offset_scale). At initialisation the result computes what `conv` computes.
         """
-        expected = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cls.dims - 1]
+        expected = CONVS[cls.dims]
         if type(conv) is not expected:
             raise TypeError(f"conv: expected an {expected.__name__}, got {type(conv).__name__}")
         layer = cls(
@@ -188,3 +188,6 @@ class DeformConv2d(_DeformConvNd):
 class DeformConv3d(_DeformConvNd):
     __doc__ = _DeformConvNd.__doc__
     dims = 3
+
+
+DEFORM_CONVS = {1: DeformConv1d, 2: DeformConv2d, 3: DeformConv3d}
