@@ -1,0 +1,94 @@
+"""dcnlab.tasks: the classification and segmentation LightningModules, trained on toy data."""
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dcnlab.models import create_model
+from dcnlab.tasks import ClassificationTask, SegmentationTask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on two busy cores: one thread avoids waiting on the other core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(max_epochs: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _loader(inputs, targets, shuffle=False):
+    return DataLoader(TensorDataset(inputs, targets), batch_size=32, shuffle=shuffle)
+
+
+def _signals(count: int, seed: int):
+    # Two classes of 1D signals: a bump on the left or on the right, at a jittered position.
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (count,), generator=generator)
+    grid = torch.linspace(0, 1, 32)
+    centre = torch.where(labels == 0, 0.3, 0.7) + 0.05 * torch.randn(count, generator=generator)
+    signals = torch.exp(-(((grid - centre[:, None]) / 0.08) ** 2)) + 0.1 * torch.randn(count, 32, generator=generator)
+    return signals[:, None], labels
+
+
+def test_classification_task_learns_and_reports_accuracy_and_macro_f1():
+    torch.manual_seed(0)
+    model = create_model("resnet18", dim=1, in_channels=1, num_classes=2, base_width=8, dcn_stages=(False,) * 4)
+    task = ClassificationTask(model, num_classes=2, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3))
+    trainer = _trainer(max_epochs=4)
+    trainer.fit(task, _loader(*_signals(256, 0), shuffle=True), _loader(*_signals(64, 1)))
+    (results,) = trainer.test(task, _loader(*_signals(128, 2)), verbose=False)
+    assert set(results) == {"test/loss", "test/accuracy", "test/macro_f1"}
+    assert results["test/accuracy"] > 0.9 and results["test/macro_f1"] > 0.9
+
+
+def test_segmentation_task_reports_dice_and_iou_and_improves():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 1, 16, 16, generator=generator)
+    targets = (images[:, 0] > 0.5).long() + (images[:, 0] < -0.5).long() * 2  # 3 classes, 0 background
+    model = create_model("unet", dim=2, in_channels=1, num_classes=3, base_channels=8, depth=2)
+    task = SegmentationTask(model, num_classes=3, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    trainer = _trainer(max_epochs=1)
+    (before,) = trainer.test(task, _loader(images, targets), verbose=False)
+    trainer = _trainer(max_epochs=8)
+    trainer.fit(task, _loader(images, targets, shuffle=True))
+    (after,) = trainer.test(task, _loader(images, targets), verbose=False)
+    assert set(after) == {"test/loss", "test/dice", "test/iou"}
+    assert after["test/loss"] < before["test/loss"]
+    assert after["test/dice"] > 0.8 and after["test/iou"] > 0.6
+
+
+def test_optimizer_and_scheduler_factories_are_used():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 2))
+    task = ClassificationTask(
+        model,
+        num_classes=2,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(task, _loader(*_signals(64, 0)))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_default_optimizer_is_adamw():
+    task = ClassificationTask(nn.Linear(4, 2), num_classes=2)
+    assert isinstance(task.configure_optimizers(), torch.optim.AdamW)
