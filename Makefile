@@ -7,7 +7,7 @@ SOURCES := $(shell find csrc dcnlab -name '*.cpp' -o -name '*.cu' -o -name '*.h'
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup test bench clean
+.PHONY: setup test train bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: $(SOURCES)
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The default training run: a 2D synthetic deformation task on the CPU.
+train: setup
+	$(PY) -m dcnlab train
 
 bench: setup
 	$(PY) scripts/bench_op.py

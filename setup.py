@@ -10,7 +10,7 @@ import os
 import shutil
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,6 +81,10 @@ def extension():
 
 
 setup(
+    # The Hydra configs live in the top-level conf/ and install as the package dcnlab.conf.
+    packages=find_packages(include=["dcnlab", "dcnlab.*"]) + ["dcnlab.conf"],
+    package_dir={"dcnlab.conf": "conf"},
+    package_data={"dcnlab.conf": ["*.yaml", "*/*.yaml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

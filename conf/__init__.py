@@ -1,0 +1,1 @@
+"""Hydra configs of `python -m dcnlab` (the top-level conf/ folder, installed as dcnlab.conf)."""

@@ -1,0 +1,60 @@
+"""python -m dcnlab train|eval [Hydra overrides]"""
+
+import sys
+from typing import NoReturn
+
+import hydra
+from omegaconf import DictConfig
+
+USAGE = """usage: python -m dcnlab COMMAND [hydra overrides]
+
+commands:
+  train   train a model: python -m dcnlab train experiment=signals1d trainer.max_epochs=20
+  eval    test a checkpoint: python -m dcnlab eval ckpt_path=outputs/train/.../checkpoints/last.ckpt
+
+Overrides follow Hydra's syntax; `python -m dcnlab train --help` lists the config groups."""
+
+CONFIG_PATH = "pkg://dcnlab.conf"
+
+
+def _exit_on_bad_input(command: str, error: Exception) -> NoReturn:
+    # Bad paths and arguments are the user's to fix: the message says what; a traceback would bury it.
+    print(f"dcnlab {command}: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _train(config: DictConfig) -> float | None:
+    from dcnlab.runner import train
+
+    try:
+        metrics = train(config)
+    except (FileNotFoundError, ValueError) as error:
+        _exit_on_bad_input("train", error)
+    # A number for Hydra sweepers that optimise the returned value.
+    return metrics.get("test/accuracy", metrics.get("test/dice"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def _eval(config: DictConfig) -> None:
+    from dcnlab.runner import evaluate
+
+    try:
+        evaluate(config)
+    except (FileNotFoundError, ValueError) as error:
+        _exit_on_bad_input("eval", error)
+
+
+COMMANDS = {"train": _train, "eval": _eval}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    COMMANDS[sys.argv.pop(1)]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

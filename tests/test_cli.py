@@ -1,0 +1,84 @@
+"""`python -m dcnlab train|eval`: configs composed with Hydra's compose API, outputs in tmp dirs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import open_dict
+
+from dcnlab.runner import CONFIG_KEY, evaluate, train
+
+PRESETS = ["shapes2d", "signals1d", "volumes3d", "shapes2d_seg", "volumes3d_seg"]
+TINY_DATA = ["data.train_samples=16", "data.val_samples=8", "data.test_samples=8", "data.batch_size=8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(name: str, output_dir: Path, overrides: list[str]):
+    with initialize_config_module(version_base="1.3", config_module="dcnlab.conf"):
+        config = compose(name, overrides=overrides)
+    with open_dict(config):
+        config.paths.output_dir = str(output_dir)
+    return config
+
+
+def _tiny_model(preset: str) -> list[str]:
+    return ["model.base_channels=4", "model.depth=2"] if preset.endswith("_seg") else ["model.base_width=4"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_runs_one_fast_dev_batch(preset, tmp_path):
+    config = _config(
+        "train", tmp_path, [f"experiment={preset}", "+trainer.fast_dev_run=true", *TINY_DATA, *_tiny_model(preset)]
+    )
+    metrics = train(config)
+    assert ("test/accuracy" in metrics) != preset.endswith("_seg")
+    assert ("test/dice" in metrics) == preset.endswith("_seg")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+
+
+def test_train_then_eval_gives_the_same_test_metrics_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    overrides = ["trainer.max_epochs=2", *TINY_DATA, "model.base_width=4"]
+    metrics = train(_config("train", run, overrides))
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint[CONFIG_KEY]["model"]["name"] == "resnet18"
+
+    evaluation = evaluate(_config("eval", tmp_path / "eval", [f"ckpt_path={best}"]))
+    assert evaluation["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == pytest.approx(evaluation)
+
+    last = run / "checkpoints" / "last.ckpt"
+    steps = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    resumed = tmp_path / "resumed"
+    train(_config("train", resumed, [*overrides[1:], "trainer.max_epochs=3", f"ckpt_path={last}"]))
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and state["global_step"] == steps * 3 // 2
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dcnlab", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def test_cli_errors_are_short_and_name_the_problem(tmp_path):
+    usage = _cli(cwd=tmp_path)
+    assert usage.returncode == 2 and "usage: python -m dcnlab COMMAND" in usage.stderr
+    bad = _cli("train", "trainer.bogus=1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
+    assert bad.returncode != 0 and "trainer.bogus" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("eval", f"ckpt_path={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert missing.returncode != 0 and "ckpt_path: no checkpoint file at" in missing.stderr
+    assert "Traceback" not in missing.stderr
