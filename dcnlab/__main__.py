@@ -1,5 +1,6 @@
 """python -m dcnlab train|eval [Hydra overrides]"""
 
+import os
 import sys
 from typing import NoReturn
 
@@ -48,11 +49,18 @@ def _eval(config: DictConfig) -> None:
 COMMANDS = {"train": _train, "eval": _eval}
 
 
+# Lightning's DDP launcher re-runs this module for each extra rank with the overrides alone;
+# the command travels to those processes in the environment.
+COMMAND_VARIABLE = "DCNLAB_COMMAND"
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        os.environ[COMMAND_VARIABLE] = sys.argv.pop(1)
+    elif os.environ.get(COMMAND_VARIABLE) not in COMMANDS or "LOCAL_RANK" not in os.environ:
         print(USAGE, file=sys.stderr)
         return 2
-    COMMANDS[sys.argv.pop(1)]()
+    COMMANDS[os.environ[COMMAND_VARIABLE]]()
     return 0
 
 

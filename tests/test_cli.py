@@ -82,3 +82,25 @@ def test_cli_errors_are_short_and_name_the_problem(tmp_path):
     missing = _cli("eval", f"ckpt_path={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert missing.returncode != 0 and "ckpt_path: no checkpoint file at" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+TINY_RUN = [*TINY_DATA, "model.base_width=4"]
+
+
+def test_multirun_sweep_writes_one_run_per_job(tmp_path):
+    sweep = _cli(
+        "train", "-m", "seed=0,1", "+trainer.fast_dev_run=true", *TINY_RUN, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path
+    )
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["test/loss"] > 0
+
+
+def test_two_process_ddp_on_cpu_trains_and_writes_one_run(tmp_path):
+    run = tmp_path / "ddp"
+    overrides = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1", *TINY_RUN]
+    result = _cli("train", *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "test/accuracy" in json.loads((run / "metrics.json").read_text())
