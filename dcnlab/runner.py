@@ -1,6 +1,8 @@
 """What `python -m dcnlab train|eval` do with a composed Hydra config."""
 
 import json
+import netrc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,23 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 CONFIG_KEY = "dcnlab_config"
+
+
+def wandb_offline() -> bool:
+    """True unless a W&B API key is configured (environment or `wandb login`'s netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+OmegaConf.register_new_resolver("dcnlab_wandb_offline", wandb_offline, replace=True)
 
 
 class SaveConfigInCheckpoint(Callback):
@@ -82,8 +99,25 @@ def evaluate(config: DictConfig) -> dict[str, float]:
     output_dir = Path(config.paths.output_dir)
     trainer = _trainer(config, [])
     (results,) = trainer.test(task, datamodule=datamodule, ckpt_path=str(checkpoint_path))
+    predictions = torch.cat(trainer.predict(task, dataloaders=datamodule.test_dataloader()))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         path = _write_metrics(output_dir, results)
-        print(f"dcnlab: evaluation of {checkpoint_path} written to {path.resolve()}")
+        targets = torch.cat([target for _, target in datamodule.test_dataloader()])
+        _save_confusion_matrix(predictions, targets, task.num_classes, output_dir / "confusion_matrix.png")
+        print(f"dcnlab: evaluation of {checkpoint_path} in {output_dir.resolve()} ({path.name}, confusion_matrix.png)")
     return results
+
+
+def _save_confusion_matrix(predictions: Tensor, targets: Tensor, num_classes: int, path: Path) -> None:
+    """PNG of the test confusion matrix (per sample for classification, per position for segmentation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    matrix = MulticlassConfusionMatrix(num_classes)
+    matrix.update(predictions.flatten(), targets.flatten())
+    figure, _ = matrix.plot()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)

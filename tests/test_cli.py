@@ -59,6 +59,7 @@ def test_train_then_eval_gives_the_same_test_metrics_and_resume_continues(tmp_pa
     evaluation = evaluate(_config("eval", tmp_path / "eval", [f"ckpt_path={best}"]))
     assert evaluation["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == pytest.approx(evaluation)
+    assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
     last = run / "checkpoints" / "last.ckpt"
     steps = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
@@ -104,3 +105,13 @@ def test_two_process_ddp_on_cpu_trains_and_writes_one_run(tmp_path):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "test/accuracy" in json.loads((run / "metrics.json").read_text())
+
+
+def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no netrc entry from a `wandb login` either
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = ["logger=wandb", "logger.name=offline-test", "trainer.max_epochs=1", *TINY_RUN]
+    train(_config("train", tmp_path, overrides))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
