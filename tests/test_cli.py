@@ -115,3 +115,8 @@ def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
     train(_config("train", tmp_path, overrides))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    train(_config("train", tmp_path, ["logger=tensorboard", "trainer.max_epochs=1", *TINY_RUN]))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
