@@ -92,3 +92,23 @@ def test_optimizer_and_scheduler_factories_are_used():
 def test_default_optimizer_is_adamw():
     task = ClassificationTask(nn.Linear(4, 2), num_classes=2)
     assert isinstance(task.configure_optimizers(), torch.optim.AdamW)
+
+
+def test_bf16_mixed_precision_runs_the_deformable_layers_in_bf16():
+    model = create_model("resnet18", dim=2, in_channels=1, num_classes=2, base_width=8)
+    seen = []
+    model.layer4[0].conv2.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    task = ClassificationTask(model, num_classes=2)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    images = torch.randn(16, 1, 32, 32)
+    trainer.fit(task, _loader(images, torch.randint(0, 2, (16,))))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # AMP keeps fp32 master weights
