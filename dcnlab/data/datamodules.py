@@ -13,6 +13,7 @@ from dcnlab.data.synthetic import (
     DeformedShapes3d,
     Task,
     WarpedSignals,
+    check_int,
     derive_seed,
 )
 
@@ -22,12 +23,54 @@ _MAX_CLASSES = {1: len(SIGNAL_TEMPLATES), 2: len(SHAPES_2D), 3: len(SHAPES_3D)}
 _SPLIT_KEYS = {"train": 0, "val": 1, "test": 2, "shuffle": 3}
 
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+class SeededDataModule(L.LightningDataModule):
+    """Shared argument checks and loaders; subclasses set `train_set`, `val_set`, `test_set` (or `_build`)."""
+
+    task = "classification"
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, -(1 << 63))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _build(self) -> None:
+        """Fills the three splits; only lazily loaded modules override it."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()  # the loaders also work without a Trainer calling setup() first
+        # A fresh seeded generator per call: each fit sees the same sequence of epoch orders.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, _SPLIT_KEYS["shuffle"])) if shuffle else None
+        return DataLoader(
+            getattr(self, f"{split}_set"),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SeededDataModule):
     """Train/val/test splits of `WarpedSignals` (dim 1), `DeformedShapes2d` (dim 2) or `DeformedShapes3d`
     (dim 3), each split from its own seed derived from `seed`.
 
@@ -51,7 +94,7 @@ class SyntheticDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         if dim not in DEFAULT_SIZES:
             raise ValueError(f"dim: expected one of {tuple(DEFAULT_SIZES)}, got {dim!r}")
         if task not in TASKS:
@@ -70,16 +113,13 @@ class SyntheticDataModule(L.LightningDataModule):
                 f"task {task!r}, got {num_classes!r}"
             )
         size = DEFAULT_SIZES[dim] if size is None else size
-        _check_int("size", size, 8)
+        check_int("size", size, 8)
         for name, value in (
             ("train_samples", train_samples),
             ("val_samples", val_samples),
             ("test_samples", test_samples),
         ):
-            _check_int(name, value, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, -(1 << 63))
+            check_int(name, value, 1)
         self.save_hyperparameters()
 
         self.dim = dim
@@ -87,9 +127,6 @@ class SyntheticDataModule(L.LightningDataModule):
         self.size = size
         self.in_channels = 1
         self.num_classes = num_classes + 1 if task == "segmentation" else num_classes
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         # The datasets are lazy (items are generated on access), so building them here costs nothing and
         # keeps the loaders usable without a Trainer calling setup().
         self.train_set = self._make_dataset(train_samples, num_classes, "train")
@@ -102,24 +139,3 @@ class SyntheticDataModule(L.LightningDataModule):
             return WarpedSignals(num_samples, length=self.size, num_classes=num_classes, seed=seed)
         shapes = DeformedShapes2d if self.dim == 2 else DeformedShapes3d
         return shapes(num_samples, size=self.size, num_classes=num_classes, seed=seed, task=self.task)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        # A fresh seeded generator per call: each fit sees the same sequence of epoch orders.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _SPLIT_KEYS["shuffle"])) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

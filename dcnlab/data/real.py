@@ -12,17 +12,16 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from dcnlab.data.synthetic import derive_seed
+from dcnlab.data.datamodules import SeededDataModule
+from dcnlab.data.synthetic import check_int, derive_seed
 
-# Same shuffle key as SyntheticDataModule; the split key is new, so split and shuffle never share a stream.
-_SHUFFLE_KEY = 3
+# A key of its own (SeededDataModule uses 0-3), so the split and the shuffle never share a stream.
 _SPLIT_KEY = 4
 TORCHVISION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -30,11 +29,6 @@ TORCHVISION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 # ImageFolder data is usually natural RGB photos, for which the ImageNet statistics are the usual choice.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -79,54 +73,7 @@ def label_indices(labels: Sequence[str]) -> tuple[list[str], list[int]]:
     return names, [lookup[label] for label in labels]
 
 
-class _SplitDataModule(L.LightningDataModule):
-    """Shared argument checks and loaders; subclasses set `train_set`, `val_set`, `test_set` (or `_build`)."""
-
-    task = "classification"
-
-    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
-        super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, -(1 << 63))
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
-
-    def _build(self) -> None:
-        """Fills the three splits; only lazily loaded modules override it."""
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self._build()
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()  # the loaders also work without a Trainer calling setup() first
-        # A fresh seeded generator per call: each fit sees the same sequence of epoch orders.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _SHUFFLE_KEY)) if shuffle else None
-        return DataLoader(
-            getattr(self, f"{split}_set"),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-class DigitsDataModule(_SplitDataModule):
+class DigitsDataModule(SeededDataModule):
     """scikit-learn's bundled 8x8 handwritten digits (1797 real images, 10 classes; nothing to download).
 
     Images are scaled to [0, 1], upscaled bilinearly to (size, size) (8 keeps the originals) and normalised with
@@ -145,7 +92,7 @@ class DigitsDataModule(_SplitDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        _check_int("size", size, 8)
+        check_int("size", size, 8)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         self.save_hyperparameters()
@@ -168,7 +115,7 @@ class DigitsDataModule(_SplitDataModule):
         self.test_set = TensorDataset(images[test], targets[test])
 
 
-class TorchvisionDataModule(_SplitDataModule):
+class TorchvisionDataModule(SeededDataModule):
     """torchvision's MNIST (1 x 28 x 28) or CIFAR-10 (3 x 32 x 32), 10 classes each.
 
     The official train split is divided into train and val (`val_fraction`, drawn from `seed`); test is the
@@ -225,7 +172,7 @@ class TorchvisionDataModule(_SplitDataModule):
         self.test_set = self._dataset(train=False, download=False)
 
 
-class ImageFolderDataModule(_SplitDataModule):
+class ImageFolderDataModule(SeededDataModule):
     """torchvision's ImageFolder: `<root>/<class name>/<image>`, classes from the sorted folder names.
 
     Images are read as RGB, resized to (size, size) and normalised with the ImageNet statistics. Splits: val
@@ -245,7 +192,7 @@ class ImageFolderDataModule(_SplitDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        _check_int("size", size, 8)
+        check_int("size", size, 8)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         self.save_hyperparameters()
@@ -292,7 +239,7 @@ class NpyVolumes(Dataset):
         return volume, torch.tensor(self.labels[index], dtype=torch.int64)
 
 
-class VolumeFolderDataModule(_SplitDataModule):
+class VolumeFolderDataModule(SeededDataModule):
     """A folder of .npy volumes, (D, H, W) or (C, D, H, W) all of one shape, labelled by a CSV.
 
     `<root>/<labels_csv>` has a header with columns `file` (path relative to root) and `label` (an int or a
@@ -380,7 +327,7 @@ def _z_normalise(series: Tensor) -> Tensor:
     return torch.where(valid, normalised, torch.zeros_like(normalised))
 
 
-class UCRDataModule(_SplitDataModule):
+class UCRDataModule(SeededDataModule):
     """A UCR time-series archive dataset: `<root>/<name>/<name>_TRAIN.tsv` and `<name>_TEST.tsv`.
 
     Each row is the label, then the series (tab-separated). Labels (ints or strings) become classes 0..K-1 in

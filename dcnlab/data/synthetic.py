@@ -43,7 +43,8 @@ def derive_seed(*keys: int) -> int:
     return state
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    """ValueError naming `name` unless `value` is an int in [low, high] (high None: no upper bound)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
@@ -71,9 +72,9 @@ class _SeededDataset(Dataset[tuple[Tensor, Tensor]]):
     """Map-style base: a fresh generator per item, seeded from (seed, index)."""
 
     def __init__(self, num_samples: int, num_classes: int, max_classes: int, seed: int, noise: float) -> None:
-        _check_int("num_samples", num_samples, 0)
-        _check_int("num_classes", num_classes, 1, max_classes)
-        _check_int("seed", seed, -(1 << 63))
+        check_int("num_samples", num_samples, 0)
+        check_int("num_classes", num_classes, 1, max_classes)
+        check_int("seed", seed, -(1 << 63))
         _check_noise(noise)
         self.num_samples = num_samples
         self.num_classes = num_classes
@@ -126,7 +127,7 @@ class WarpedSignals(_SeededDataset):
         self, num_samples: int, length: int = 256, num_classes: int = 4, seed: int = 0, noise: float = 0.1
     ) -> None:
         super().__init__(num_samples, num_classes, len(SIGNAL_TEMPLATES), seed, noise)
-        _check_int("length", length, 8)
+        check_int("length", length, 8)
         self.length = length
         # Names, not the functions: lambdas do not pickle into spawned DataLoader workers.
         self.template_names = list(SIGNAL_TEMPLATES)[:num_classes]
@@ -231,7 +232,7 @@ class _DeformedShapes(_SeededDataset):
         noise: float,
     ) -> None:
         super().__init__(num_samples, num_classes, len(shapes), seed, noise)
-        _check_int("size", size, 8)
+        check_int("size", size, 8)
         _check_task(task)
         self.dims = dims
         self.size = size
