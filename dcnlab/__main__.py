@@ -1,4 +1,4 @@
-"""python -m dcnlab train|eval [Hydra overrides]"""
+"""python -m dcnlab train|eval|visualize [Hydra overrides]"""
 
 import os
 import sys
@@ -10,8 +10,10 @@ from omegaconf import DictConfig
 USAGE = """usage: python -m dcnlab COMMAND [hydra overrides]
 
 commands:
-  train   train a model: python -m dcnlab train experiment=signals1d trainer.max_epochs=20
-  eval    test a checkpoint: python -m dcnlab eval ckpt_path=outputs/train/.../checkpoints/last.ckpt
+  train      train a model: python -m dcnlab train experiment=signals1d trainer.max_epochs=20
+  eval       test a checkpoint: python -m dcnlab eval ckpt_path=outputs/train/.../checkpoints/last.ckpt
+  visualize  draw where the deformable layers sample (PNGs in the run's visualize/ folder):
+             python -m dcnlab visualize ckpt_path=outputs/train/.../checkpoints/last.ckpt samples=8
 
 Overrides follow Hydra's syntax; `python -m dcnlab train --help` lists the config groups."""
 
@@ -46,7 +48,17 @@ def _eval(config: DictConfig) -> None:
         _exit_on_bad_input("eval", error)
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="visualize")
+def _visualize(config: DictConfig) -> None:
+    from dcnlab.visualize import visualize
+
+    try:
+        visualize(config)
+    except (FileNotFoundError, ValueError) as error:
+        _exit_on_bad_input("visualize", error)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "visualize": _visualize}
 
 
 # Lightning's DDP launcher re-runs this module for each extra rank with the overrides alone;
