@@ -9,6 +9,8 @@
 //       writes grad_offset and grad_mask of those samples, accumulates grad_input (a zeroed,
 //       chunk-local buffer) and writes the columns as sample_columns does (a backend may fuse
 //       that with the gradients); any of the four may be null: not wanted
+// and forward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, bias, output), which may
+// compute the whole forward without columns and return true, or return false to use the columns;
 // plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts:
 //
@@ -145,6 +147,8 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
     using column_t = typename Sampler::template column_t<scalar_t>;
     const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
     const auto w = layout.weight_rows(weight, column_dtype);
+    // A backend may compute the whole forward in one fused kernel for some shapes and dtypes.
+    if (Sampler::template forward_fused<D, scalar_t>(geo, input, offset, mask, w, bias, output)) return;
     std::optional<at::Tensor> b;
     if (bias) b = bias->to(column_dtype).view({layout.groups, layout.out_per_group, 1});
     const auto columns =

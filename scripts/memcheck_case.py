@@ -9,11 +9,11 @@ import torch
 import dcnlab.ops
 
 
-def run_case(dims: int, dtype: torch.dtype) -> None:
+def run_case(dims: int, dtype: torch.dtype, channels: int = 4) -> None:
     generator = torch.Generator(device="cuda").manual_seed(dims)
     kernel = (3,) * dims
     in_size = (7, 6, 5)[:dims]
-    batch, channels, offset_groups = 2, 4, 2
+    batch, offset_groups = 2, 2
     out_size = in_size  # stride 1, padding 1, 3-wide kernel
     points = 3**dims
     shape = (batch, offset_groups * points * dims, *out_size)
@@ -43,7 +43,9 @@ def main() -> None:
     for dims in (1, 2, 3):
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             run_case(dims, dtype)
-    print("memcheck cases ran: 3 dims x 4 dtypes, forward and backward")
+        for dtype in (torch.float16, torch.bfloat16):
+            run_case(dims, dtype, channels=64)  # the fused implicit-GEMM forward (channels per group: 32)
+    print("memcheck cases ran: 3 dims x 4 dtypes (and the fused path for half types), forward and backward")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ struct CpuSampler {
 
   static int64_t column_budget() { return int64_t(1) << 23; }
 
+  template <int D, typename scalar_t>
+  static bool forward_fused(const ConvGeometry<D>&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            at::Tensor&) {
+    return false;
+  }
+
   // Separate passes: offset and mask gradients own one (point, offset group) each, input
   // gradients one channel plane each, so neither needs atomics.
   template <int D, typename scalar_t>

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
+#include "implicit_gemm.cuh"
 
 namespace dcnlab {
 namespace {
@@ -266,6 +267,27 @@ struct CudaSampler {
 
   static int64_t column_budget() { return int64_t(1) << 26; }
 
+  // The implicit GEMM of implicit_gemm.cuh for half types where it applies (weight_rows is the
+  // contiguous (G, C_out/G, R) matrix in the channels-last row order).
+  template <int D, typename scalar_t>
+  static bool forward_fused(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows,
+                            const std::optional<at::Tensor>& bias, at::Tensor& output) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      const auto w = weight_rows.contiguous();
+      if (!implicit_gemm::applies(geo, input, w)) return false;
+      const auto b = bias ? std::optional<at::Tensor>(bias->to(input.scalar_type()).contiguous()) : std::nullopt;
+      implicit_gemm::forward<D, scalar_t>(geo, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+                                          mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                          w.const_data_ptr<scalar_t>(),
+                                          b ? b->const_data_ptr<scalar_t>() : nullptr,
+                                          output.mutable_data_ptr<scalar_t>());
+      return true;
+    } else {
+      return false;
+    }
+  }
+
   template <int D, typename scalar_t>
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
@@ -312,6 +334,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     std::array<bool, 5> output_mask) {
   const c10::cuda::CUDAGuard device_guard(input.device());
+  if (output_mask[0]) {
+    // Raises under torch.use_deterministic_algorithms(True) (warns with warn_only=True).
+    at::globalContext().alertNotDeterministic(
+        "dcnlab::deform_conv_backward on CUDA (the input gradient is accumulated with atomic adds, so its "
+        "rounding can differ run to run; the offset, mask, weight and bias gradients are deterministic)");
+  }
   return deform_conv_backward<CudaSampler>(grad_output, input, offset, weight, mask, stride, padding, dilation,
                                            output_mask);
 }

@@ -1,0 +1,234 @@
+// Fused forward of the deformable convolution for half types: an implicit GEMM on tensor cores.
+//
+// The product is output (M = B*L, C_out/G) = columns (M, R) @ weight_rows^T (R, C_out/G) per
+// conv group, with R = K*C_in/G in the order r = k*C_in/G + c (the order of weight_rows in the
+// driver's channels-last layout). The columns never exist in device memory: a block owns a tile
+// of kBM output positions x BN output channels and walks R in chunks of kBK channels of one
+// kernel point. For each chunk it gathers the tile's sampled, modulated input values straight
+// into shared memory (the N-linear stencil of each (position, kernel point, offset group) is
+// built once into shared memory and reused for every channel chunk of that offset group),
+// loads the matching weight slice, and multiplies with WMMA fragments (fp32 accumulation). The
+// epilogue adds the bias in fp32 and writes (B, C_out, *out) directly.
+//
+// Where it is used: it re-gathers the columns for every tile of BN output channels and spends
+// ~12 instructions per gathered element (fp32 interpolation), so it beats im2col + cuBLAS only
+// while one tile covers the output channels of a group (C_out/G <= 128) and C_in/G is small;
+// docs/perf-notes.md has the measurements (v7) and the profile.
+//
+// Conditions (checked by the caller, which falls back to the im2col path otherwise): half or
+// bfloat16, sm_80 or newer, C_in/G and C_in/offset_groups multiples of kBK (a chunk lies in one
+// conv group and one offset group), 16-byte aligned input and weight rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+namespace dcnlab {
+namespace implicit_gemm {
+
+constexpr int kThreads = 256;  // 8 warps: 4 along M x 2 along N
+constexpr int kBM = 128;       // output positions per block tile
+constexpr int kBK = 32;        // channels per reduction chunk
+constexpr int kLd = kBK + 8;   // shared row length in elements: 80 bytes, keeps 32-byte fragment alignment
+constexpr int kPack = 8;       // channels per 16-byte gather
+constexpr int64_t kMaxFusedChannels = 128;  // per conv group, input and output (see applies())
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Stencil of one (position, kernel point, offset group) of the tile, indices in elements of the
+// channels-last input including the sample's base.
+template <int D>
+struct TilePoint {
+  Stencil<D, float> stencil;
+  float modulation;
+};
+
+template <int D, int BN>
+struct alignas(128) SharedTile {
+  union {
+    struct {
+      __align__(32) uint16_t a[kBM * kLd];  // sampled values, row-major (position, channel)
+      __align__(32) uint16_t b[BN * kLd];   // weight slice, (output channel, channel) = B col-major
+    } operands;
+    __align__(32) float scratch[kThreads / 32][16 * 16];  // epilogue: one fragment per warp
+  };
+  TilePoint<D> points[kBM];
+  int64_t out_base[kBM];  // b * C_out * L + l of each tile row, -1 past the end
+};
+
+template <int D, int BN, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 2)
+    forward_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
+                   const scalar_t* __restrict__ mask, const scalar_t* __restrict__ weight_rows,
+                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ output) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int kWarpN = BN / 2;  // columns per warp
+  constexpr int kFragM = 2;       // 32 rows per warp
+  constexpr int kFragN = kWarpN / 16;
+  constexpr int kPacksPerRow = kBK / kPack;
+  __shared__ SharedTile<D, BN> smem;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int warp_m = warp / 2;
+  const int warp_n = warp % 2;
+  const int64_t L = geo.out_plane;
+  const int64_t M = geo.batch * L;
+  const int64_t C = geo.in_channels;
+  const int64_t in_per_group = C / geo.groups;
+  const int64_t per_offset_group = C / geo.offset_groups;
+  const int64_t out_per_group = geo.out_channels / geo.groups;
+  const int64_t R = in_per_group * geo.kernel_points;
+  const int64_t tiles_n = (out_per_group + BN - 1) / BN;
+  const int64_t g = blockIdx.y / tiles_n;
+  const int64_t n0 = (blockIdx.y % tiles_n) * BN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+
+  if (tid < kBM) {
+    const int64_t m = m0 + tid;
+    smem.out_base[tid] = m < M ? (m / L) * geo.out_channels * L + m % L : -1;
+  }
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
+  for (int i = 0; i < kFragM; ++i)
+    for (int j = 0; j < kFragN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  const T* a_tile = reinterpret_cast<const T*>(smem.operands.a);
+  const T* b_tile = reinterpret_cast<const T*>(smem.operands.b);
+  int64_t stencil_key = -1;
+  for (int64_t k = 0; k < geo.kernel_points; ++k) {
+    for (int64_t c0 = 0; c0 < in_per_group; c0 += kBK) {
+      const int64_t c_abs = g * in_per_group + c0;  // first input channel of the chunk
+      const int64_t og = c_abs / per_offset_group;
+      __syncthreads();  // the previous chunk's fragments and stencils are consumed
+      if (k * geo.offset_groups + og != stencil_key) {
+        stencil_key = k * geo.offset_groups + og;
+        if (tid < kBM) {
+          TilePoint<D>& point = smem.points[tid];
+          const int64_t m = m0 + tid;
+          if (m < M) {
+            const int64_t b = m / L;
+            point.modulation = load_sample_point(geo, offset, mask, b, og, k, m % L, point.stencil);
+            for (int corner = 0; corner < Stencil<D, float>::kCorners; ++corner) {
+              point.stencil.index[corner] = (b * geo.in_plane + point.stencil.index[corner]) * C;
+            }
+          } else {
+            for (int corner = 0; corner < Stencil<D, float>::kCorners; ++corner) {
+              point.stencil.index[corner] = 0;
+              point.stencil.weight[corner] = 0;
+              point.stencil.inside[corner] = false;
+            }
+            point.modulation = 0;
+          }
+        }
+        __syncthreads();
+      }
+      // Gather: kBM rows x kBK/kPack packs, two per thread.
+      for (int p = tid; p < kBM * kPacksPerRow; p += kThreads) {
+        const int row = p / kPacksPerRow;
+        const int pack = p % kPacksPerRow;
+        const TilePoint<D>& point = smem.points[row];
+        float values[kPack];
+        interpolate_channels<D, kPack>(point.stencil, input + c_abs + pack * kPack, values);
+        Pack<scalar_t, kPack> out;
+        for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(point.modulation * values[v]);
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.operands.a + row * kLd + pack * kPack) = out;
+      }
+      // Weight slice: BN output channels x kBK channels of kernel point k.
+      for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
+        const int col = p / kPacksPerRow;
+        const int pack = p % kPacksPerRow;
+        Pack<scalar_t, kPack> w;
+        if (n0 + col < out_per_group) {
+          w = *reinterpret_cast<const Pack<scalar_t, kPack>*>(weight_rows + (g * out_per_group + n0 + col) * R +
+                                                              k * in_per_group + c0 + pack * kPack);
+        } else {
+          for (int v = 0; v < kPack; ++v) w.v[v] = scalar_t(0);
+        }
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.operands.b + col * kLd + pack * kPack) = w;
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[kFragM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[kFragN];
+        for (int f = 0; f < kFragM; ++f) wmma::load_matrix_sync(a[f], a_tile + (warp_m * 32 + f * 16) * kLd + kk, kLd);
+        for (int f = 0; f < kFragN; ++f) wmma::load_matrix_sync(b[f], b_tile + (warp_n * kWarpN + f * 16) * kLd + kk, kLd);
+        for (int fm = 0; fm < kFragM; ++fm)
+          for (int fn = 0; fn < kFragN; ++fn) wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
+      }
+    }
+  }
+
+  __syncthreads();  // the operand tiles become the epilogue scratch
+  float* scratch = smem.scratch[warp];
+  for (int i = 0; i < kFragM; ++i) {
+    for (int j = 0; j < kFragN; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_col_major);
+      __syncwarp();
+      // Lanes 0-15 and 16-31 each write 16 consecutive positions of one output channel.
+      for (int e = lane; e < 256; e += 32) {
+        const int tile_row = warp_m * 32 + i * 16 + e % 16;
+        const int64_t col = n0 + warp_n * kWarpN + j * 16 + e / 16;
+        const int64_t base = smem.out_base[tile_row];
+        if (base >= 0 && col < out_per_group) {
+          const int64_t channel = g * out_per_group + col;
+          float value = scratch[e];
+          if (bias) value += static_cast<float>(bias[channel]);
+          output[base + channel * L] = static_cast<scalar_t>(value);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#endif
+}
+
+// Whether the fused forward handles this call; the caller uses the im2col path otherwise.
+template <int D>
+bool applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
+  const auto dtype = input_channels_last.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const char* path = std::getenv("DCNLAB_CUDA_PATH");
+  if (path != nullptr && std::string(path) == "im2col") return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const int64_t in_per_group = geo.in_channels / geo.groups;
+  // Measured on H200 (docs/perf-notes.md, v7): faster than im2col for C_in/G = C_out/G <= 128
+  // (1.1-1.8x), 2.5-4x slower for 256 and 512.
+  if (in_per_group > kMaxFusedChannels || geo.out_channels / geo.groups > kMaxFusedChannels) return false;
+  return in_per_group % kBK == 0 && geo.channels_per_offset_group() % kBK == 0 &&
+         reinterpret_cast<uintptr_t>(input_channels_last.const_data_ptr()) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 == 0 &&
+         (geo.batch * geo.out_plane + kBM - 1) / kBM < (int64_t(1) << 31);
+}
+
+template <int D, typename scalar_t>
+void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+             const scalar_t* weight_rows, const scalar_t* bias, scalar_t* output) {
+  const int64_t out_per_group = geo.out_channels / geo.groups;
+  const int64_t m_tiles = (geo.batch * geo.out_plane + kBM - 1) / kBM;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (out_per_group > 64) {
+    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + 127) / 128)));
+    forward_kernel<D, 128, scalar_t><<<grid, kThreads, 0, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
+  } else {
+    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + 63) / 64)));
+    forward_kernel<D, 64, scalar_t><<<grid, kThreads, 0, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace implicit_gemm
+}  // namespace dcnlab

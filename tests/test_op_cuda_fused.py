@@ -1,0 +1,96 @@
+"""The fused (implicit-GEMM) CUDA paths against the float64 reference, next to the im2col path.
+
+The fused forward takes half types where C_in/groups and C_in/offset_groups are multiples of 32
+and C_in/groups, C_out/groups are at most 128;
+DCNLAB_CUDA_PATH=im2col forces the column path. A profiler check makes sure each test runs the
+path it names. All tests carry the `gpu` marker.
+"""
+
+import pytest
+import torch
+from conftest import GRAD_NAMES, make_case, random_grad_output
+from test_op_cuda import check_against_reference
+
+from dcnlab.ops import deform_conv
+
+pytestmark = pytest.mark.gpu
+
+HALF_TYPES = [torch.bfloat16, torch.float16]
+
+# Each needs C_in/groups and C_in/offset_groups to be multiples of 32 for the fused forward. Sizes
+# make B*L and C_out/groups miss the 128-row and 64/128-column tiles.
+FUSED_CONFIGS = [
+    dict(in_channels=32, out_channels=40, padding=1),
+    dict(in_channels=64, out_channels=160, groups=2, offset_groups=2, stride=2, padding=1, offset_scale=2.0),
+    dict(in_channels=64, out_channels=24, offset_groups=2, padding=2, dilation=2, mask=False, bias=False),
+    dict(in_channels=96, out_channels=72, groups=3, offset_groups=1, padding=1, offset_scale=50.0),
+    dict(in_channels=32, out_channels=8, kernel=(1, 2, 3), stride=(2, 1, 1), padding=(0, 1, 1), batch=5),
+]
+
+
+def config_for(dims: int, config: dict) -> dict:
+    return {key: value[:dims] if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+def kernel_names(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("path", ["fused", "im2col"])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("config", range(len(FUSED_CONFIGS)))
+def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, path, monkeypatch):
+    if path == "im2col":
+        monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    case = make_case(dims, seed=10 + config, **config_for(dims, FUSED_CONFIGS[config]))
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    names = kernel_names(lambda: deform_conv(*cuda_case.args()))
+    assert any("implicit_gemm" in name for name in names) == (path == "fused"), names
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_fused_forward_with_non_finite_and_far_offsets(dtype):
+    case = make_case(2, in_channels=32, out_channels=16, padding=1, offset_groups=1, seed=3)
+    flat = case.offset.view(-1)
+    for i, value in enumerate([float("nan"), float("inf"), float("-inf"), 1e30, -3e4, 2.5e4]):
+        flat[i * 37] = value
+    check_against_reference(case, dtype)
+
+
+def test_fused_forward_used_under_autocast_and_matches_fp32():
+    case = make_case(2, batch=3, in_channels=64, out_channels=64, in_size=12, padding=1, seed=5).to(
+        torch.float32, "cuda"
+    )
+    expected = deform_conv(*case.args())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        names = kernel_names(lambda: deform_conv(*case.args()))
+        actual = deform_conv(*case.args())
+    assert any("implicit_gemm" in name for name in names), names
+    scale = expected.abs().max()
+    assert (actual.float() - expected).abs().max() <= 3e-2 * scale
+
+
+def test_backward_under_deterministic_algorithms_raises_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for deterministic GEMMs
+    case = make_case(2, in_channels=32, out_channels=8, padding=1).to(torch.bfloat16, "cuda")
+    leaves = case.leaves()
+    out = deform_conv(*leaves.args())
+    grad_output = random_grad_output(case).to(out)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deform_conv_backward.*atomic"):
+            torch.autograd.grad(out, [leaves.input], grad_output, retain_graph=True)
+        # Without the input gradient every gradient is deterministic: bitwise equal run to run.
+        out = deform_conv(leaves.input.detach(), leaves.offset, leaves.weight, leaves.bias, 1, 1, 1, leaves.mask)
+        others = [leaves.offset, leaves.weight, leaves.bias, leaves.mask]
+        first = torch.autograd.grad(out, others, grad_output, retain_graph=True)
+        second = torch.autograd.grad(out, others, grad_output)
+        for name, a, b in zip(GRAD_NAMES[1:], first, second, strict=True):
+            assert torch.equal(a, b), name
+    finally:
+        torch.use_deterministic_algorithms(False)
