@@ -91,9 +91,13 @@ struct Layout {
         {groups, out_per_group, rows_per_group});
   }
 
-  at::Tensor weight_from_rows(const at::Tensor& rows, at::IntArrayRef weight_shape) const {
-    if (!channels_last) return rows.reshape(weight_shape);
-    return rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3).contiguous().view(weight_shape);
+  // The weight gradient from its (G, C_out/G, R) rows, in the weight's shape and dtype: one
+  // copy that reorders and casts together.
+  at::Tensor weight_from_rows(const at::Tensor& rows, const at::Tensor& weight) const {
+    if (!channels_last) return rows.reshape(weight.sizes()).to(weight.scalar_type());
+    auto result = at::empty({groups, out_per_group, in_per_group, kernel_points}, weight.options());
+    result.copy_(rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3));
+    return result.view(weight.sizes());
   }
 
   // (G, R, n*L) view of the first n samples' worth of a column buffer.
@@ -219,9 +223,8 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
     // result instead costs ~0.3 ms of host time per call on CUDA.)
     grad_bias = at::sum(grad_output, reduced_dims);
   }
-  auto grad_weight_rows = need_weight ? at::zeros({layout.groups, layout.out_per_group, layout.rows_per_group},
-                                                  options.dtype(opmath_dtype))
-                                      : at::Tensor();
+  // Allocated by the first chunk's GEMM, accumulated into by the others.
+  at::Tensor grad_weight_rows;
 
   const bool need_sampling_grads = need_input || need_offset || need_mask;
   if (geo.batch > 0 && (need_weight || need_sampling_grads)) {
@@ -269,13 +272,24 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
           Sampler::template sample_columns<D>(geo, input_ptr, offset_ptr, mask_ptr, b0, n, columns_ptr);
         }
         if (need_weight) {
-          gemm_accumulate(grad_weight_rows, grad_out, layout.columns(columns, n, geo.out_plane).transpose(1, 2));
+          const auto cols_t = layout.columns(columns, n, geo.out_plane).transpose(1, 2);
+          if (b0 == 0) {
+            grad_weight_rows = gemm(grad_out, cols_t, opmath_dtype);
+          } else {
+            gemm_accumulate(grad_weight_rows, grad_out, cols_t);
+          }
         }
       }
     });
   }
-  auto grad_weight = need_weight ? layout.weight_from_rows(grad_weight_rows, weight.sizes()).to(weight.scalar_type())
-                                 : not_requested(input_arg);
+  at::Tensor grad_weight;
+  if (!need_weight) {
+    grad_weight = not_requested(input_arg);
+  } else if (grad_weight_rows.defined()) {
+    grad_weight = layout.weight_from_rows(grad_weight_rows, weight);
+  } else {
+    grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);  // empty batch
+  }
   return std::make_tuple(grad_input, grad_offset, grad_weight, grad_bias, grad_mask);
 }
 
