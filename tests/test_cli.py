@@ -104,7 +104,11 @@ def test_two_process_ddp_on_cpu_trains_and_writes_one_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert "test/accuracy" in json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "test/accuracy" in metrics
+    # Throughput counts both ranks' samples: 16 training samples, one batch of 8 per rank, no warm-up
+    # left in a one-batch epoch.
+    assert metrics["train/timed_samples"] == 16 and metrics["train/samples_per_s"] > 0
 
 
 def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
