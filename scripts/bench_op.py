@@ -609,7 +609,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--md", type=Path, default=REPO_ROOT / "docs/benchmarks-latest.md", help="markdown output")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "docs/benchmarks-latest.json", help="raw JSON output")
     parser.add_argument("--plot", type=Path, help="PNG of fwd+bwd time relative to dense conv (needs matplotlib)")
+    parser.add_argument("--replot", type=Path, help="only redraw --plot from this --json file of an earlier run")
     args = parser.parse_args(argv)
+    if args.replot is not None and args.plot is None:
+        parser.error("--replot needs --plot")
     on_cuda = args.device == "cuda"
     if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
@@ -625,6 +628,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the preset, print and write the table, JSON and plot; 1 when a correctness check failed."""
     args = parse_args(argv)
+    if args.replot is not None:
+        return 0 if write_plot(json.loads(args.replot.read_text()), args.plot) else 1
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
