@@ -94,3 +94,15 @@ def test_backward_under_deterministic_algorithms_raises_a_clear_error(monkeypatc
             assert torch.equal(a, b), name
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_forced_fused_path_with_wide_tiles_matches_reference(dims, dtype, monkeypatch):
+    # DCNLAB_CUDA_PATH=fused takes the fused forward past the per-shape pick: C_out/G = 160 uses
+    # the 64 x 256 tiles (one partial tile of output channels), C_in/G = 160 five channel chunks.
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    case = make_case(dims, in_channels=160, out_channels=160, offset_groups=5, padding=1, batch=3, seed=dims)
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    assert any("implicit_gemm" in name for name in kernel_names(lambda: deform_conv(*cuda_case.args())))
