@@ -54,7 +54,12 @@ def cuda_wheel_include_dirs() -> list[str]:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
+    sources = sorted(
+        glob.glob("csrc/*.cpp")
+        + glob.glob("csrc/cpu/*.cpp")
+        + glob.glob("csrc/autocast/*.cpp")
+        + glob.glob("csrc/autograd/*.cpp")
+    )
     cxx_flags = ["-O3", "-fopenmp"]
     if with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -103,27 +103,9 @@ def _deform_conv_backward_fake(grad_output, input, offset, weight, mask, stride,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    input, offset, weight, bias, stride, padding, dilation, mask = inputs
-    ctx.save_for_backward(input, offset, weight, mask)
-    ctx.conv_params = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_output):
-    input, offset, weight, mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[1], needs[2], ctx.has_bias and needs[3], mask is not None and needs[7]]
-    grads = torch.ops.dcnlab.deform_conv_backward.default(
-        grad_output, input, offset, weight, mask, *ctx.conv_params, output_mask
-    )
-    grad_input, grad_offset, grad_weight, grad_bias, grad_mask = (
-        grad if wanted else None for grad, wanted in zip(grads, output_mask, strict=True)
-    )
-    return grad_input, grad_offset, grad_weight, grad_bias, None, None, None, grad_mask
-
-
-torch.library.register_autograd("dcnlab::deform_conv", _backward, setup_context=_setup_context)
+# The autograd formula of dcnlab::deform_conv is registered in C++ (csrc/autograd/): it calls
+# dcnlab::deform_conv_backward with the gradients autograd asks for. Its backward op gets an
+# autograd kernel here only to refuse double backward.
 
 
 def _no_double_backward(ctx, *grads):
