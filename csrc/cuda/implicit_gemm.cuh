@@ -44,6 +44,20 @@ struct WmmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// Asynchronous 16-byte copy global -> shared (sm_80+); with src_bytes = 0 it writes zeros.
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::);
+#endif
+}
+
 // 16 zero bytes: the source of the gather for interpolation corners outside the input, so that
 // the inner loop needs no per-element select (and a non-finite input element can never leak
 // into a point that does not touch it).
@@ -160,6 +174,16 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         __syncthreads();
       }
+      // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
+      // while this thread gathers (a plain load would hold the store until the data arrives).
+      for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
+        const int col = p / kPacksPerRow;
+        const int pack = p % kPacksPerRow;
+        const bool valid = n0 + col < out_per_group;
+        const scalar_t* source =
+            valid ? weight_block + col * R + static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack : weight_rows;
+        copy_async_16(smem.operands.b + col * kLd + pack * kPack, source, valid ? 16 : 0);
+      }
       // Gather: BM rows x kBK/kPack packs.
       for (int p = tid; p < BM * kPacksPerRow; p += kThreads) {
         const int row = p / kPacksPerRow;
@@ -180,19 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(values[v]);
         *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.operands.a + row * kLd + pack * kPack) = out;
       }
-      // Weight slice: BN output channels x kBK channels of kernel point k.
-      for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
-        const int col = p / kPacksPerRow;
-        const int pack = p % kPacksPerRow;
-        Pack<scalar_t, kPack> w;
-        if (n0 + col < out_per_group) {
-          w = *reinterpret_cast<const Pack<scalar_t, kPack>*>(weight_block + col * R +
-                                                              static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack);
-        } else {
-          for (int v = 0; v < kPack; ++v) w.v[v] = scalar_t(0);
-        }
-        *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.operands.b + col * kLd + pack * kPack) = w;
-      }
+      copy_async_wait_all();
       __syncthreads();
       for (int kk = 0; kk < kBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[kFragM];
