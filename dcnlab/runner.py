@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -52,6 +52,9 @@ def build(config: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]
 
 def _trainer(config: DictConfig, callbacks: list[Callback]) -> L.Trainer:
     logger = instantiate(config.logger) if config.get("logger") else False
+    if logger is False:
+        # logger=none: LearningRateMonitor refuses to run without a logger, and has nothing to do.
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(config.trainer, callbacks=callbacks, logger=logger)
 
 
@@ -84,8 +87,13 @@ def train(config: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def evaluate(config: DictConfig) -> dict[str, float]:
-    """Rebuilds data, model and task from the checkpoint's config and tests the checkpoint."""
+def load_run_checkpoint(config: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
+    """The checkpoint at config.ckpt_path, loaded on the CPU, and its run config with config's
+    data/model/task on top; a clear error for a missing path, a missing file or a foreign file."""
+    if OmegaConf.is_missing(config, "ckpt_path") or config.ckpt_path is None:
+        raise ValueError(
+            "ckpt_path: required, a checkpoint of `python -m dcnlab train` (e.g. <run>/checkpoints/last.ckpt)"
+        )
     checkpoint_path = Path(config.ckpt_path)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {checkpoint_path}")
@@ -94,7 +102,12 @@ def evaluate(config: DictConfig) -> dict[str, float]:
         raise ValueError(f"ckpt_path: {checkpoint_path} was not written by `python -m dcnlab train` (no run config)")
     saved = OmegaConf.create(checkpoint[CONFIG_KEY])
     overrides = OmegaConf.masked_copy(config, [k for k in ("data", "model", "task") if k in config])
-    run_config = OmegaConf.merge(saved, overrides)
+    return checkpoint_path, checkpoint, OmegaConf.merge(saved, overrides)
+
+
+def evaluate(config: DictConfig) -> dict[str, float]:
+    """Rebuilds data, model and task from the checkpoint's config and tests the checkpoint."""
+    checkpoint_path, _, run_config = load_run_checkpoint(config)
     datamodule, task = build(run_config)
     output_dir = Path(config.paths.output_dir)
     trainer = _trainer(config, [])

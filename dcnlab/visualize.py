@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from dcnlab.nn import DCNv3
 from dcnlab.nn.deform_conv import DEFORM_CONVS
-from dcnlab.runner import CONFIG_KEY, build
+from dcnlab.runner import build, load_run_checkpoint
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -591,21 +591,10 @@ def visualize(config: DictConfig) -> Path:
     top, as in `evaluate`). Writes `{split}_sample{index:04d}.png` per sample into config.output_dir, or into
     `default_output_dir(ckpt_path)` when that is null.
     """
-    if OmegaConf.is_missing(config, "ckpt_path"):
-        raise ValueError(
-            "ckpt_path: required, a checkpoint of `python -m dcnlab train` (e.g. <run>/checkpoints/last.ckpt)"
-        )
-    checkpoint_path = Path(config.ckpt_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {checkpoint_path}")
     if config.split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {config.split!r}")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if CONFIG_KEY not in checkpoint:
-        raise ValueError(f"ckpt_path: {checkpoint_path} was not written by `python -m dcnlab train` (no run config)")
-    saved = OmegaConf.create(checkpoint[CONFIG_KEY])
-    overrides = OmegaConf.masked_copy(config, [k for k in ("data", "model", "task") if k in config])
-    datamodule, task = build(OmegaConf.merge(saved, overrides))
+    checkpoint_path, checkpoint, run_config = load_run_checkpoint(config)
+    datamodule, task = build(run_config)
     task.load_state_dict(checkpoint["state_dict"])
     if not deformable_layers(task.model):
         raise ValueError(

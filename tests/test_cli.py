@@ -83,6 +83,8 @@ def test_cli_errors_are_short_and_name_the_problem(tmp_path):
     missing = _cli("eval", f"ckpt_path={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert missing.returncode != 0 and "ckpt_path: no checkpoint file at" in missing.stderr
     assert "Traceback" not in missing.stderr
+    unset = _cli("eval", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert unset.returncode != 0 and "ckpt_path: required" in unset.stderr and "Traceback" not in unset.stderr
 
 
 TINY_RUN = [*TINY_DATA, "model.base_width=4"]
@@ -124,3 +126,9 @@ def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
 def test_tensorboard_logger_writes_event_files(tmp_path):
     train(_config("train", tmp_path, ["logger=tensorboard", "trainer.max_epochs=1", *TINY_RUN]))
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_logger_none_trains_without_a_logger(tmp_path):
+    metrics = train(_config("train", tmp_path, ["logger=none", "trainer.max_epochs=1", *TINY_RUN]))
+    assert "test/accuracy" in metrics and (tmp_path / "metrics.json").is_file()
+    assert not (tmp_path / "csv").exists()
