@@ -95,6 +95,33 @@ def test_backward_computes_only_requested_gradients(wanted):
             assert tensor.grad is None, name
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("mask", [True, False], ids=["mask", "no_mask"])
+@pytest.mark.parametrize("wanted", [("mask",), ("weight",), ("input", "mask"), ("offset",)], ids="+".join)
+def test_requested_gradients_follow_the_tensors_present(wanted, bias, mask):
+    # Autograd numbers only the tensor arguments that are given: without a bias the mask is the
+    # fourth, so the backward's output_mask must not confuse the two.
+    case = _case(bias=bias, mask=mask)
+    grad_output = random_grad_output(case)
+    _, all_grads = run_with_grads(deform_conv, case, grad_output)
+    leaves = case.map(lambda t: t.detach().clone())
+    present = leaves.tensors()
+    for name in wanted:
+        if name in present:
+            present[name].requires_grad_(True)
+    if not any(t.requires_grad for t in present.values()):
+        pytest.skip("nothing requires grad in this combination")
+    output = deform_conv(*leaves.args())
+    with _RecordBackwardCalls() as recorder:
+        output.backward(grad_output)
+    assert recorder.output_masks == [[name in wanted and name in present for name in GRAD_NAMES]]
+    for name, tensor in present.items():
+        if name in wanted:
+            assert torch.equal(tensor.grad, all_grads[name]), name
+        else:
+            assert tensor.grad is None, name
+
+
 def test_input_without_requires_grad_gets_no_gradient_and_others_unchanged():
     case = _case(1)
     grad_output = random_grad_output(case)
