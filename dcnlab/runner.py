@@ -76,7 +76,11 @@ def train(config: DictConfig) -> dict[str, float]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     trainer.fit(task, datamodule=datamodule, ckpt_path=config.get("ckpt_path"))
+    # The last epoch's values, plus the monitored value of the best checkpoint (the one tested).
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback
+    if best is not None and best.monitor and best.best_model_score is not None:
+        metrics[f"best/{best.monitor}"] = float(best.best_model_score)
     if config.get("test"):
         has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
         (results,) = trainer.test(task, datamodule=datamodule, ckpt_path="best" if has_best else None)

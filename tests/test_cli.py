@@ -55,6 +55,10 @@ def test_train_then_eval_gives_the_same_test_metrics_and_resume_continues(tmp_pa
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     assert checkpoint[CONFIG_KEY]["model"]["name"] == "resnet18"
+    # metrics.json carries the monitored value of the best checkpoint next to the last epoch's.
+    best_state = "ModelCheckpoint{'monitor': 'val/loss'"
+    (score,) = [s["best_model_score"] for k, s in checkpoint["callbacks"].items() if k.startswith(best_state)]
+    assert metrics["best/val/loss"] == pytest.approx(float(score)) and metrics["best/val/loss"] <= metrics["val/loss"]
 
     evaluation = evaluate(_config("eval", tmp_path / "eval", [f"ckpt_path={best}"]))
     assert evaluation["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
