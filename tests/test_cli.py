@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
-from dcnlab.runner import CONFIG_KEY, evaluate, train
+from dcnlab.runner import CONFIG_KEY, build, evaluate, train
 
 PRESETS = ["shapes2d", "signals1d", "volumes3d", "shapes2d_seg", "volumes3d_seg"]
 TINY_DATA = ["data.train_samples=16", "data.val_samples=8", "data.test_samples=8", "data.batch_size=8"]
@@ -45,6 +45,15 @@ def test_every_experiment_preset_runs_one_fast_dev_batch(preset, tmp_path):
     assert ("test/accuracy" in metrics) != preset.endswith("_seg")
     assert ("test/dice" in metrics) == preset.endswith("_seg")
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+
+
+@pytest.mark.parametrize("model", ["dcnv3net", "unet", "resnet50"])
+def test_a_preset_takes_any_backbone(model, tmp_path):
+    # A preset's model settings belong to its model config, so another backbone replaces them whole.
+    config = _config("train", tmp_path, ["experiment=volumes3d", f"model={model}"])
+    assert config.model.name == model and config.model.get("base_width") != 16
+    _, task = build(config)
+    assert sum(p.numel() for p in task.model.parameters()) > 0
 
 
 def test_train_then_eval_gives_the_same_test_metrics_and_resume_continues(tmp_path):
