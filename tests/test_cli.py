@@ -16,12 +16,7 @@ PRESETS = ["shapes2d", "signals1d", "volumes3d", "shapes2d_seg", "volumes3d_seg"
 TINY_DATA = ["data.train_samples=16", "data.val_samples=8", "data.test_samples=8", "data.batch_size=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(name: str, output_dir: Path, overrides: list[str]):

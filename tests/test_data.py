@@ -12,13 +12,7 @@ SIZES = {1: 64, 2: 24, 3: 12}
 CASES = [(1, "classification"), (2, "classification"), (2, "segmentation"), (3, "classification"), (3, "segmentation")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Items are tiny; thread start-up costs more than it saves on 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dataset(dim: int, task: str, num_samples: int = 16, seed: int = 0, num_classes: int = 4):

@@ -15,14 +15,7 @@ NAMES = ["resnet18", "resnet50", "unet"]
 DEFORM_CONVS = (DeformConv1d, DeformConv2d, DeformConv3d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models run many tiny ops: intra-op threads only add synchronisation, which costs
-    # seconds per test when another process holds the second core (measured 48 s vs 4 s here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(name: str, dim: int, **kwargs) -> nn.Module:

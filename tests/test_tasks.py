@@ -11,14 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dcnlab.models import create_model
 from dcnlab.tasks import ClassificationTask, SegmentationTask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on two busy cores: one thread avoids waiting on the other core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(max_epochs: int) -> L.Trainer:

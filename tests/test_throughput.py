@@ -6,7 +6,6 @@ import json
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
@@ -16,12 +15,7 @@ from dcnlab.runner import build, train
 TINY = ["data.train_samples=32", "data.val_samples=8", "data.test_samples=8", "data.batch_size=8", "model.base_width=4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(output_dir, overrides):

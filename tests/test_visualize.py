@@ -4,13 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
-from test_cli import TINY_DATA, _cli, _config, one_thread  # noqa: F401  (one_thread: autouse fixture, one thread here too)
+from test_cli import TINY_DATA, _cli, _config
 from torch import nn
 
 from dcnlab.models import create_model
 from dcnlab.nn import DeformConv2d, DeformConv3d
 from dcnlab.runner import train
 from dcnlab.visualize import deformable_layers, plot_volume, query_positions, sampling_locations, visualize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRESETS = {"signals1d": 1, "shapes2d": 2, "volumes3d": 3}
 PNG = b"\x89PNG"
