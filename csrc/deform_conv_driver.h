@@ -11,6 +11,9 @@
 //       that with the gradients); any of the four may be null: not wanted
 // and forward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, bias, output), which may
 // compute the whole forward without columns and return true, or return false to use the columns;
+// likewise backward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, grad_output, need,
+// grad_input, grad_offset, grad_mask, grad_weight_rows) for the backward (need: input, offset,
+// mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath);
 // plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts:
 //
@@ -230,16 +233,22 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
   if (geo.batch > 0 && (need_weight || need_sampling_grads)) {
     const auto input = layout.input(input_arg);
     const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
-    // grad_input accumulates in an opmath buffer, one chunk at a time, except when it already
-    // has the buffer's dtype and layout.
-    const auto grad_input_buffer = need_input && !grad_input_in_place
-                                       ? layout.grad_input_buffer(chunk, geo, options.dtype(opmath_dtype))
-                                       : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv_backward", [&] {
       using column_t = typename Sampler::template column_t<scalar_t>;
       using opmath_t = at::opmath_type<scalar_t>;
       const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
       const auto w = layout.weight_rows(weight, column_dtype);
+      // A backend may compute the whole backward without columns for some shapes and dtypes.
+      if (Sampler::template backward_fused<D, scalar_t>(geo, input, offset, mask, w, grad_output,
+                                                        {need_input, need_offset, need_mask, need_weight}, grad_input,
+                                                        grad_offset, grad_mask, grad_weight_rows)) {
+        return;
+      }
+      // grad_input accumulates in an opmath buffer, one chunk at a time, except when it already
+      // has the buffer's dtype and layout.
+      const auto grad_input_buffer = need_input && !grad_input_in_place
+                                         ? layout.grad_input_buffer(chunk, geo, options.dtype(opmath_dtype))
+                                         : at::Tensor();
       const scalar_t* input_ptr = input.template const_data_ptr<scalar_t>();
       const scalar_t* offset_ptr = offset.template const_data_ptr<scalar_t>();
       const scalar_t* mask_ptr = mask ? mask->template const_data_ptr<scalar_t>() : nullptr;

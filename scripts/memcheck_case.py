@@ -9,11 +9,13 @@ import torch
 import dcnlab.ops
 
 
-def run_case(dims: int, dtype: torch.dtype, channels: int = 4) -> None:
+def run_case(
+    dims: int, dtype: torch.dtype, channels: int = 4, in_size: tuple = (7, 6, 5), offset_groups: int = 2
+) -> None:
     generator = torch.Generator(device="cuda").manual_seed(dims)
     kernel = (3,) * dims
-    in_size = (7, 6, 5)[:dims]
-    batch, offset_groups = 2, 2
+    in_size = in_size[:dims]
+    batch = 2
     out_size = in_size  # stride 1, padding 1, 3-wide kernel
     points = 3**dims
     shape = (batch, offset_groups * points * dims, *out_size)
@@ -44,8 +46,12 @@ def main() -> None:
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             run_case(dims, dtype)
         for dtype in (torch.float16, torch.bfloat16):
-            run_case(dims, dtype, channels=64)  # the fused implicit-GEMM forward (channels per group: 32)
-    print("memcheck cases ran: 3 dims x 4 dtypes (and the fused path for half types), forward and backward")
+            # The fused implicit-GEMM forward and backward (channels per group: 32): offset gradients
+            # written directly and (one offset group of 64 channels) summed over chunks; positions
+            # per sample a multiple of 8 (16-byte grad-output copies) and not.
+            run_case(dims, dtype, channels=64)
+            run_case(dims, dtype, channels=64, in_size=(16, 8, 4), offset_groups=1)
+    print("memcheck cases ran: 3 dims x 4 dtypes (and the fused paths for half types), forward and backward")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """The fused (implicit-GEMM) CUDA paths against the float64 reference, next to the im2col path.
 
-The fused forward takes half types where C_in/groups and C_in/offset_groups are multiples of 32
-and C_in/groups, C_out/groups are at most 128;
-DCNLAB_CUDA_PATH=im2col forces the column path. A profiler check makes sure each test runs the
-path it names. All tests carry the `gpu` marker.
+The fused forward and backward take half types where C_in/groups and C_in/offset_groups are
+multiples of 32 and C_in/groups, C_out/groups are at most 128 (the backward also outside
+deterministic mode); DCNLAB_CUDA_PATH=im2col forces the column path. A profiler check makes sure
+each test runs the path it names. All tests carry the `gpu` marker.
 """
+
+import math
 
 import pytest
 import torch
-from conftest import GRAD_NAMES, make_case, random_grad_output
+from conftest import GRAD_NAMES, assert_close_to_scale, make_case, random_grad_output, run_with_grads
 from test_op_cuda import check_against_reference
 
-from dcnlab.ops import deform_conv
+from dcnlab.ops import deform_conv, deform_conv_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -49,8 +51,66 @@ def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, pat
     case = make_case(dims, seed=10 + config, **config_for(dims, FUSED_CONFIGS[config]))
     check_against_reference(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")
-    names = kernel_names(lambda: deform_conv(*cuda_case.args()))
-    assert any("implicit_gemm" in name for name in names) == (path == "fused"), names
+    names = kernel_names(lambda: fused_forward_backward(cuda_case))
+    assert any("implicit_gemm" in name and "forward_kernel" in name for name in names) == (path == "fused"), names
+    assert any("implicit_gemm" in name and "backward_kernel" in name for name in names) == (path == "fused"), names
+
+
+def fused_forward_backward(case) -> None:
+    leaves = case.leaves()
+    deform_conv(*leaves.args()).sum().backward()
+
+
+# L = prod(out_size) a multiple of 8 takes the backward's 16-byte grad-output copies; C_in/offset_groups
+# of 32 writes the offset and mask gradients directly, 64 and 96 sum them over channel chunks.
+VECTOR_CONFIGS = [
+    dict(in_channels=64, out_channels=48, offset_groups=1, padding=1, in_size=(16, 8, 4)),
+    dict(in_channels=64, out_channels=128, offset_groups=2, padding=1, in_size=(16, 8, 4), batch=3),
+    dict(in_channels=96, out_channels=16, offset_groups=1, stride=2, padding=1, in_size=(32, 16, 8), mask=False),
+    dict(in_channels=64, out_channels=64, groups=2, offset_groups=2, padding=1, in_size=(16, 8, 4), offset_scale=20.0),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("config", range(len(VECTOR_CONFIGS)))
+def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, config):
+    case = make_case(dims, seed=20 + config, **config_for(dims, VECTOR_CONFIGS[config]))
+    assert math.prod(case.out_size) % 8 == 0
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+
+
+@pytest.mark.parametrize("wanted", [("weight",), ("input",), ("offset",), ("mask",), ("offset", "weight", "bias")])
+def test_fused_backward_computes_any_subset_of_gradients(wanted):
+    case = make_case(2, in_channels=64, out_channels=32, padding=1, in_size=8, seed=7)
+    rounded = case.to(dtype=torch.bfloat16).to(dtype=torch.float64)
+    grad_output = random_grad_output(rounded)
+    _, expected = run_with_grads(deform_conv_reference, rounded, grad_output)
+    leaves = case.to(dtype=torch.bfloat16, device="cuda").leaves(requires_grad=False)
+    tensors = leaves.tensors()
+    for name in wanted:
+        tensors[name].requires_grad_(True)
+    out = deform_conv(*leaves.args())
+    grads = torch.autograd.grad(out, [tensors[name] for name in wanted], grad_output.to(out))
+    for name, grad in zip(wanted, grads, strict=True):
+        assert_close_to_scale(grad, expected[name], 3e-2, f"grad {name}")
+
+
+def test_fused_backward_over_several_sample_chunks_matches_im2col(monkeypatch):
+    # 9 samples of 64 x 128 x 128 fp32 grad_input are 9 Mi elements, more than the fused backward's
+    # 8 Mi-element buffer: two launches (5 + 4 samples), the weight gradient accumulating over them.
+    case = make_case(2, batch=9, in_channels=64, out_channels=64, in_size=128, padding=1, offset_scale=2.0, seed=4)
+    case = case.to(dtype=torch.bfloat16, device="cuda")
+    grad_output = random_grad_output(case)
+    names = kernel_names(lambda: run_with_grads(deform_conv, case, grad_output))
+    assert any("backward_kernel" in name for name in names), names
+    _, fused = run_with_grads(deform_conv, case, grad_output)
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    _, im2col = run_with_grads(deform_conv, case, grad_output)
+    for name in GRAD_NAMES:
+        assert_close_to_scale(fused[name], im2col[name].float(), 2e-2, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

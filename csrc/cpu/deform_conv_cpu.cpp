@@ -69,6 +69,13 @@ struct CpuSampler {
     return false;
   }
 
+  template <int D, typename scalar_t>
+  static bool backward_fused(const ConvGeometry<D>&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                             std::array<bool, 4>, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+    return false;
+  }
+
   // Separate passes: offset and mask gradients own one (point, offset group) each, input
   // gradients one channel plane each, so neither needs atomics.
   template <int D, typename scalar_t>

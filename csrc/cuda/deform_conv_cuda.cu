@@ -14,7 +14,9 @@
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
+#include "atomics.cuh"
 #include "implicit_gemm.cuh"
+#include "implicit_gemm_backward.cuh"
 
 namespace dcnlab {
 namespace {
@@ -132,19 +134,6 @@ __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (
   Pack<T, V> pack;
   for (int v = 0; v < V; ++v) pack.v[v] = static_cast<T>(scale * values[v]);
   *reinterpret_cast<Pack<T, V>*>(target) = pack;
-}
-
-// grad_input[target + v] += values[v] for the V channels of a pack. On Hopper a pack of four
-// floats is one vector atomic; elsewhere it is V scalar ones.
-template <int V, typename acc_t>
-__device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&values)[V]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (std::is_same_v<acc_t, float> && V == 4) {
-    atomicAdd(reinterpret_cast<float4*>(target), make_float4(values[0], values[1], values[2], values[3]));
-    return;
-  }
-#endif
-  for (int v = 0; v < V; ++v) atomicAdd(target + v, values[v]);
 }
 
 template <int D, int V, typename scalar_t>
@@ -282,6 +271,24 @@ struct CudaSampler {
                                           w.const_data_ptr<scalar_t>(),
                                           b ? b->const_data_ptr<scalar_t>() : nullptr,
                                           output.mutable_data_ptr<scalar_t>());
+      return true;
+    } else {
+      return false;
+    }
+  }
+
+  // The fused backward of implicit_gemm_backward.cuh where it applies; `need` is (input,
+  // offset, mask, weight).
+  template <int D, typename scalar_t>
+  static bool backward_fused(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
+                             const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows,
+                             const at::Tensor& grad_output, std::array<bool, 4> need, at::Tensor& grad_input,
+                             at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      const auto w = weight_rows.contiguous();
+      if (!implicit_gemm::backward_applies(geo, input, w)) return false;
+      implicit_gemm::backward<D, scalar_t>(geo, input, offset, mask, w, grad_output, need[0], need[1], need[2],
+                                           need[3], grad_input, grad_offset, grad_mask, grad_weight_rows);
       return true;
     } else {
       return false;

@@ -1,0 +1,24 @@
+// Vector atomics shared by the CUDA kernels.
+#pragma once
+
+#include <type_traits>
+
+namespace dcnlab {
+
+// grad_input[target + v] += values[v] for the V channels of a pack. On Hopper a pack of four
+// floats is one vector atomic; elsewhere it is V scalar ones.
+template <int V, typename acc_t>
+__device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&values)[V]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = std::is_same_v<acc_t, float> && V == 4;
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+    atomicAdd(reinterpret_cast<float4*>(target), make_float4(values[0], values[1], values[2], values[3]));
+  } else {
+    for (int v = 0; v < V; ++v) atomicAdd(target + v, values[v]);
+  }
+}
+
+}  // namespace dcnlab

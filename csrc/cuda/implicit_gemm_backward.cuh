@@ -1,0 +1,503 @@
+// Fused backward of the deformable convolution for half types: no column buffers.
+//
+// With columns (M = B*L, R) as in implicit_gemm.cuh and the grad output seen as (M, C_out/G) per
+// conv group, the backward is
+//   grad_weight_rows (C_out/G, R) = grad_out^T @ columns         (a reduction over positions)
+//   grad_columns     (M, R)       = grad_out @ weight_rows       (a reduction over output channels)
+// and the sampling gradients (input, offset, mask) are functions of each grad_columns element
+// and the same interpolation corners the columns are made of.
+//
+// A block owns one (conv group, kernel point, chunk of kBK input channels) and a strided set of
+// BM-position tiles. For each tile it
+//   1. copies the grad-output tile (BN output channels x BM positions) into shared memory and
+//      builds the tile's stencils (one per position: this kernel point, the chunk's offset group),
+//   2. computes the tile's grad columns (BM x kBK, fp32) on tensor cores from the grad-output
+//      tile and the block's weight slice (loaded once),
+//   3. reads each (position, 8-channel pack)'s interpolation corners once and from them writes
+//      the sampled, modulated columns into shared memory and computes the sampling gradients:
+//      grad_input by one 16-byte vector atomic per 4 channels and corner into an fp32 buffer,
+//      the offset and mask gradients summed over the pack's channels in registers and over the
+//      chunk's 4 lanes with shuffles,
+//   4. accumulates grad_weight (BN x kBK, fp32 fragments that stay in registers across tiles) on
+//      tensor cores from the grad-output tile and the columns.
+// At the end each block writes its partial weight gradient into its own slice of a workspace
+// (split over positions), which one sum reduces: deterministic, no atomics. The offset and mask
+// gradients are written directly when an offset group is one chunk (kBK channels); otherwise each
+// chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
+//
+// Conditions: those of the fused forward (applies() in implicit_gemm.cuh) and C_out/G <= 128
+// (one tile of output channels); not under deterministic algorithms (the grad_input atomics).
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include <atomic>
+
+#include "atomics.cuh"
+#include "implicit_gemm.cuh"
+
+namespace dcnlab {
+namespace implicit_gemm {
+
+constexpr int kBackwardBM = 128;  // positions per tile: 8 warps x 16 rows
+constexpr int kLdGrad = kBK + 4;  // fp32 grad-column row: 144 bytes, keeps 32-byte fragment alignment
+// fp32 elements of one chunk's grad_input buffer: the batch is split into chunks of samples so
+// that the buffer stays below this.
+constexpr int64_t kGradInputBudget = int64_t(1) << 23;
+
+// The tile's sample points (this kernel point, the chunk's offset group), one column per
+// position: structure of arrays, so that a warp's reads of eight positions and the writes of
+// consecutive positions hit consecutive banks.
+template <int D>
+struct TilePoints {
+  static constexpr int kCorners = 1 << D;
+  int64_t index[kCorners][kBackwardBM];  // element offset of the corner's channel 0 in the chunk's channels-last input, -1 outside
+  float weight[kCorners][kBackwardBM];   // N-linear weight (0 outside)
+  float frac[D][kBackwardBM];
+  float modulation[kBackwardBM];
+  int64_t mask_index[kBackwardBM];    // (b, offset group, k, l) in the mask seen as (B*G_off*K, L); -1 past the end
+  int64_t offset_index[kBackwardBM];  // the same point's axis-0 element in the offset (B*G_off*K*D, L)
+};
+
+template <int D, int BN>
+struct alignas(128) BackwardShared {
+  __align__(32) uint16_t grad_out[BN * (kBackwardBM + 8)];  // (output channel, position)
+  __align__(32) uint16_t weight[BN * kLd];                  // (output channel, channel)
+  __align__(32) uint16_t columns[kBackwardBM * kLd];        // (position, channel)
+  __align__(32) float grad_columns[kBackwardBM * kLdGrad];  // (position, channel)
+  TilePoints<D> points;
+};
+
+// d(N-linear weight of `corner`) / d(position along axis a).
+template <int D>
+__device__ __forceinline__ float corner_slope(const float (&frac)[D], int corner, int a) {
+  float factor = 1;
+  for (int i = 0; i < D; ++i) {
+    const int bit = (corner >> (D - 1 - i)) & 1;
+    if (i == a) {
+      factor = bit ? factor : -factor;
+    } else {
+      factor *= bit ? frac[i] : 1.0f - frac[i];
+    }
+  }
+  return factor;
+}
+
+// A 16-byte pack of the input through the read-only data path (the input is never written
+// while the kernel runs), which also lets the compiler move the loads past the atomics.
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* source) {
+  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(source));
+  Pack<scalar_t, kPack> pack;
+  static_assert(sizeof(pack) == sizeof(bits), "16-byte packs");
+  memcpy(&pack, &bits, sizeof(bits));
+  return pack;
+}
+
+// Pointers of one launch (a chunk of n samples starting at b0). Null: not wanted.
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* input;        // channels-last, the chunk's first sample
+  const scalar_t* offset;
+  const scalar_t* mask;
+  const scalar_t* weight_rows;  // (G, C_out/G, R)
+  const scalar_t* grad_output;  // (B, C_out, L), whole batch
+  int64_t b0, n;
+  bool vector_grad_out;         // L % 8 == 0 and 16-byte aligned: 8-position copies
+  float* grad_input;            // (n, *in, C_in) fp32, zeroed
+  scalar_t* grad_offset;        // written directly (one chunk per offset group) ...
+  scalar_t* grad_mask;
+  float* grad_offset_sum;       // ... or summed over chunks with atomics (zeroed fp32)
+  float* grad_mask_sum;
+  float* grad_weight_part;      // (splits, G, BN, R) fp32
+  bool accumulate_weight;       // add to grad_weight_part instead of overwriting it
+};
+
+template <int D, int BN, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 2)
+    backward_kernel(const ConvGeometry<D> geo, const BackwardArgs<scalar_t> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int BM = kBackwardBM;
+  constexpr int kLdOut = BM + 8;
+  constexpr int kPacksPerRow = kBK / kPack;
+  constexpr int kCorners = TilePoints<D>::kCorners;
+  // The weight gradient's (BN / 16) x 2 fragments over 8 warps.
+  constexpr int kWeightFrags = BN / 64;                // per warp: 1 (BN = 64) or 2 (BN = 128)
+  constexpr int kWarpsPerWeightRow = 2 / kWeightFrags;  // warps sharing 16 output channels
+  static_assert(BM == 16 * (kThreads / 32) && (BN == 64 || BN == 128) && kPacksPerRow == 4, "tile shape");
+  extern __shared__ __align__(128) unsigned char backward_shared[];
+  auto& smem = *reinterpret_cast<BackwardShared<D, BN>*>(backward_shared);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int64_t L = geo.out_plane;
+  const int64_t M = args.n * L;
+  const int64_t C = geo.in_channels;
+  const int64_t C_out = geo.out_channels;
+  const int in_per_group = static_cast<int>(C / geo.groups);
+  const int per_offset_group = static_cast<int>(C / geo.offset_groups);
+  const int out_per_group = static_cast<int>(C_out / geo.groups);
+  const int K = static_cast<int>(geo.kernel_points);
+  const int64_t R = static_cast<int64_t>(in_per_group) * K;
+  const int chunks = in_per_group / kBK;
+  const int chunk = blockIdx.x % chunks;
+  const int k = (blockIdx.x / chunks) % K;
+  const int g = blockIdx.x / (chunks * K);
+  const int c0 = chunk * kBK;
+  const int64_t c_abs = static_cast<int64_t>(g) * in_per_group + c0;
+  const int og = static_cast<int>(c_abs / per_offset_group);
+  const int out_end = (out_per_group + 15) / 16 * 16;  // output channels the products need to visit
+  const scalar_t* zeros = reinterpret_cast<const scalar_t*>(zero_pack);
+  const bool want_columns = args.grad_weight_part != nullptr;
+  const bool want_position =
+      args.grad_offset || args.grad_mask || args.grad_offset_sum || args.grad_mask_sum;
+  const bool want_grad_columns = want_position || args.grad_input;
+
+  // The weight slice (BN output channels x kBK channels of kernel point k), once per block; its
+  // copies complete with the first tile's.
+  for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
+    const int co = p / kPacksPerRow;
+    const int pack = p % kPacksPerRow;
+    const bool valid = co < out_per_group;
+    const scalar_t* source =
+        valid ? args.weight_rows + (static_cast<int64_t>(g) * out_per_group + co) * R +
+                    static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack
+              : args.weight_rows;
+    copy_async_16(smem.weight + co * kLd + pack * kPack, source, valid ? 16 : 0);
+  }
+
+  const int weight_row = (warp / kWarpsPerWeightRow) * 16;       // first output channel of this warp's fragments
+  const int weight_col = (warp % kWarpsPerWeightRow) * kWeightFrags;  // first 16-channel fragment
+  float* weight_part = args.grad_weight_part
+                           ? args.grad_weight_part + ((static_cast<int64_t>(blockIdx.y) * geo.groups + g) * BN + weight_row) * R +
+                                 static_cast<int64_t>(k) * in_per_group + c0
+                           : nullptr;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> weight_acc[kWeightFrags];
+  for (int f = 0; f < kWeightFrags; ++f) {
+    if (want_columns && args.accumulate_weight) {
+      wmma::load_matrix_sync(weight_acc[f], weight_part + (weight_col + f) * 16, static_cast<unsigned>(R),
+                             wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(weight_acc[f], 0.0f);
+    }
+  }
+
+  const T* out_tile = reinterpret_cast<const T*>(smem.grad_out);
+  const T* weight_tile = reinterpret_cast<const T*>(smem.weight);
+  const T* column_tile = reinterpret_cast<const T*>(smem.columns);
+  const int64_t tiles = (M + BM - 1) / BM;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t m0 = tile * BM;
+    __syncthreads();  // the previous tile is consumed
+    // 1. Grad-output tile, zero past the end and past out_per_group.
+    if (args.vector_grad_out) {
+      for (int p = tid; p < BN * (BM / 8); p += kThreads) {
+        const int co = p / (BM / 8);
+        const int q = p % (BM / 8);
+        const int64_t m = m0 + q * 8;
+        const bool valid = co < out_per_group && m < M;
+        const scalar_t* source =
+            valid ? args.grad_output + ((args.b0 + m / L) * C_out + static_cast<int64_t>(g) * out_per_group + co) * L + m % L
+                  : args.grad_output;
+        copy_async_16(smem.grad_out + co * kLdOut + q * 8, source, valid ? 16 : 0);
+      }
+    } else {
+      // Thread t always covers position t % BM of the tile, output channels t / BM + i * kThreads / BM.
+      static_assert(kThreads % BM == 0, "fixed position per thread");
+      scalar_t* target = reinterpret_cast<scalar_t*>(smem.grad_out);
+      const int r = tid % BM;
+      const int64_t m = m0 + r;
+      const int64_t base =
+          m < M ? ((args.b0 + m / L) * C_out + static_cast<int64_t>(g) * out_per_group) * L + m % L : -1;
+      for (int co = tid / BM; co < BN; co += kThreads / BM) {
+        target[co * kLdOut + r] = base >= 0 && co < out_per_group ? args.grad_output[base + co * L] : scalar_t(0);
+      }
+    }
+    // Stencils of the tile's positions at kernel point k, offset group og.
+    if (tid < BM) {
+      TilePoints<D>& points = smem.points;
+      const int64_t m = m0 + tid;
+      Stencil<D, float> stencil;
+      float modulation = 0;
+      if (m < M) {
+        const int64_t b_local = m / L;
+        const int64_t l = m % L;
+        modulation = load_sample_point(geo, args.offset, args.mask, args.b0 + b_local, og, k, l, stencil);
+        const int64_t row = point_row(geo, args.b0 + b_local, og, k);
+        points.mask_index[tid] = row * L + l;
+        points.offset_index[tid] = row * D * L + l;
+        for (int corner = 0; corner < kCorners; ++corner) {
+          points.index[corner][tid] =
+              stencil.inside[corner] ? (b_local * geo.in_plane + stencil.index[corner]) * C : -1;
+          points.weight[corner][tid] = stencil.weight[corner];
+        }
+        for (int a = 0; a < D; ++a) points.frac[a][tid] = stencil.frac[a];
+      } else {
+        points.mask_index[tid] = -1;
+        points.offset_index[tid] = -1;
+        for (int corner = 0; corner < kCorners; ++corner) {
+          points.index[corner][tid] = -1;
+          points.weight[corner][tid] = 0;
+        }
+        for (int a = 0; a < D; ++a) points.frac[a][tid] = 0;
+      }
+      points.modulation[tid] = modulation;
+    }
+    copy_async_wait_all();
+    __syncthreads();
+
+    // 2. Grad columns (BM x kBK) = grad-output tile^T (BM x BN) @ weight slice (BN x kBK); warp w
+    // owns rows 16w..16w+15.
+    if (want_grad_columns) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> grad_acc[2];
+      wmma::fill_fragment(grad_acc[0], 0.0f);
+      wmma::fill_fragment(grad_acc[1], 0.0f);
+      for (int co0 = 0; co0 < out_end; co0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+        wmma::load_matrix_sync(a, out_tile + co0 * kLdOut + warp * 16, kLdOut);
+        for (int f = 0; f < 2; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, weight_tile + co0 * kLd + f * 16, kLd);
+          wmma::mma_sync(grad_acc[f], a, b, grad_acc[f]);
+        }
+      }
+      for (int f = 0; f < 2; ++f) {
+        wmma::store_matrix_sync(smem.grad_columns + warp * 16 * kLdGrad + f * 16, grad_acc[f], kLdGrad,
+                                wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+
+    // 3. One read of each (position, pack)'s corners: the columns and the sampling gradients.
+    // Every thread runs BM * 4 / kThreads = 2 iterations (the shuffles need whole warps); the
+    // four packs of a position are four consecutive lanes.
+    static_assert(BM * kPacksPerRow % kThreads == 0, "whole warps in the shuffles");
+#pragma unroll
+    for (int iteration = 0; iteration < BM * kPacksPerRow / kThreads; ++iteration) {
+      const int p = tid + iteration * kThreads;
+      const int row = p / kPacksPerRow;
+      const int pack = p % kPacksPerRow;
+      const TilePoints<D>& points = smem.points;
+      const int64_t channel = c_abs + pack * kPack;
+      float weights[kCorners];
+      Pack<scalar_t, kPack> corners[kCorners];
+      for (int corner = 0; corner < kCorners; ++corner) {
+        const int64_t index = points.index[corner][row];
+        weights[corner] = points.weight[corner][row];
+        corners[corner] = load_pack(index >= 0 ? args.input + index + channel : zeros);
+      }
+      const float modulation = points.modulation[row];
+      if (want_columns) {
+        float values[kPack] = {};
+        for (int corner = 0; corner < kCorners; ++corner) {
+          for (int v = 0; v < kPack; ++v) values[v] += weights[corner] * static_cast<float>(corners[corner].v[v]);
+        }
+        Pack<scalar_t, kPack> out;
+        for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(modulation * values[v]);
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.columns + row * kLd + pack * kPack) = out;
+      }
+      if (!want_grad_columns) continue;
+      float grad[kPack];
+      {
+        const float4* source = reinterpret_cast<const float4*>(smem.grad_columns + row * kLdGrad + pack * kPack);
+        const float4 low = source[0];
+        const float4 high = source[1];
+        grad[0] = low.x, grad[1] = low.y, grad[2] = low.z, grad[3] = low.w;
+        grad[4] = high.x, grad[5] = high.y, grad[6] = high.z, grad[7] = high.w;
+      }
+      if (args.grad_input) {
+        for (int corner = 0; corner < kCorners; ++corner) {
+          const int64_t index = points.index[corner][row];
+          if (index < 0) continue;
+          const float scale = modulation * weights[corner];
+          float* target = args.grad_input + index + channel;
+          const float low[4] = {grad[0] * scale, grad[1] * scale, grad[2] * scale, grad[3] * scale};
+          const float high[4] = {grad[4] * scale, grad[5] * scale, grad[6] * scale, grad[7] * scale};
+          atomic_add_pack<4>(target, low);
+          atomic_add_pack<4>(target + 4, high);
+        }
+      }
+      if (!want_position) continue;
+      // sum_v grad[v] * x_corner[v] per corner gives both position gradients (slopes) and the
+      // mask gradient (weights) without a per-channel loop over axes.
+      float frac[D];
+      for (int a = 0; a < D; ++a) frac[a] = points.frac[a][row];
+      float grad_pos[D] = {};
+      float grad_mod = 0;
+      for (int corner = 0; corner < kCorners; ++corner) {
+        float dot = 0;
+        for (int v = 0; v < kPack; ++v) dot += grad[v] * static_cast<float>(corners[corner].v[v]);
+        grad_mod += weights[corner] * dot;
+        for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D>(frac, corner, a) * dot;
+      }
+      for (int delta = 1; delta < kPacksPerRow; delta *= 2) {
+        for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
+        grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
+      }
+      const int64_t mask_index = points.mask_index[row];
+      const int64_t offset_index = points.offset_index[row];
+      if (pack == 0 && mask_index >= 0) {
+        if (args.grad_offset) {
+          for (int a = 0; a < D; ++a) args.grad_offset[offset_index + a * L] = static_cast<scalar_t>(modulation * grad_pos[a]);
+        }
+        if (args.grad_mask) args.grad_mask[mask_index] = static_cast<scalar_t>(grad_mod);
+        if (args.grad_offset_sum) {
+          for (int a = 0; a < D; ++a) atomicAdd(args.grad_offset_sum + offset_index + a * L, modulation * grad_pos[a]);
+        }
+        if (args.grad_mask_sum) atomicAdd(args.grad_mask_sum + mask_index, grad_mod);
+      }
+    }
+    __syncthreads();
+
+    // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x kBK).
+    if (want_columns && weight_row < out_end) {
+      for (int p0 = 0; p0 < BM; p0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, out_tile + weight_row * kLdOut + p0, kLdOut);
+        for (int f = 0; f < kWeightFrags; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, column_tile + p0 * kLd + (weight_col + f) * 16, kLd);
+          wmma::mma_sync(weight_acc[f], a, b, weight_acc[f]);
+        }
+      }
+    }
+  }
+  copy_async_wait_all();  // a block without tiles still issued the weight-slice copies
+  if (want_columns) {
+    for (int f = 0; f < kWeightFrags; ++f) {
+      wmma::store_matrix_sync(weight_part + (weight_col + f) * 16, weight_acc[f], static_cast<unsigned>(R),
+                              wmma::mem_row_major);
+    }
+  }
+#endif
+}
+
+// Opts the kernel into its shared memory (above the 48 KiB default) on the current device, once
+// per device, and returns how many blocks fit on one of its SMs.
+template <int D, int BN, typename scalar_t>
+int backward_blocks_per_sm() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> blocks_per_device[kMaxDevices] = {};
+  const int device = at::cuda::current_device();
+  const bool cached = device < kMaxDevices;
+  if (cached && blocks_per_device[device].load() > 0) return blocks_per_device[device].load();
+  const auto kernel = backward_kernel<D, BN, scalar_t>;
+  const int bytes = static_cast<int>(sizeof(BackwardShared<D, BN>));
+  AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int count = 0;
+  AT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, bytes));
+  count = std::max(count, 1);
+  if (cached) blocks_per_device[device].store(count);
+  return count;
+}
+
+// Splits of the positions for blocks_x blocks per split: fills whole waves where possible.
+inline int64_t choose_splits(int64_t blocks_x, int64_t wave) {
+  int64_t best = std::max<int64_t>(1, 2 * wave / blocks_x);
+  double best_fill = 0;
+  for (int64_t waves = 2; waves <= 16; ++waves) {
+    const int64_t splits = std::max<int64_t>(1, waves * wave / blocks_x);
+    const int64_t blocks = splits * blocks_x;
+    const double fill = double(blocks) / double((blocks + wave - 1) / wave * wave);
+    if (fill > best_fill + 1e-9) {
+      best = splits;
+      best_fill = fill;
+    }
+    if (fill >= 0.9) break;
+  }
+  return best;
+}
+
+// Whether the fused backward handles this call (the im2col backward otherwise).
+template <int D>
+bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
+  if (at::globalContext().deterministicAlgorithms()) return false;  // grad_input needs atomics
+  if (geo.out_channels / geo.groups > 128) return false;
+  return applies(geo, input_channels_last, weight_rows) &&
+         geo.in_channels / geo.groups * geo.kernel_points < (int64_t(1) << 31) &&  // R: a fragment's leading dimension
+         geo.groups * geo.kernel_points * (geo.in_channels / geo.groups / kBK) < (int64_t(1) << 31);
+}
+
+// The fused backward; grad_input, grad_offset and grad_mask are the op's results (written
+// here where wanted, each a defined tensor of its final shape), grad_weight_rows receives the
+// (G, C_out/G, R) fp32 weight gradient where wanted.
+template <int D, typename scalar_t>
+void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
+              const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows, const at::Tensor& grad_output,
+              bool need_input, bool need_offset, bool need_mask, bool need_weight, at::Tensor& grad_input,
+              at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows) {
+  const int64_t out_per_group = geo.out_channels / geo.groups;
+  const int64_t in_per_group = geo.in_channels / geo.groups;
+  const int64_t R = in_per_group * geo.kernel_points;
+  const auto options = input.options().dtype(at::kFloat);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const driver_detail::Layout<D, true> layout(geo);
+
+  // Offset and mask gradients: direct when an offset group is one chunk, else summed in fp32.
+  const bool direct = geo.channels_per_offset_group() == kBK;
+  at::Tensor offset_sum, mask_sum;
+  if (need_offset && !direct) offset_sum = at::zeros(offset.sizes(), options);
+  if (need_mask && !direct) mask_sum = at::zeros(mask->sizes(), options);
+
+  const int64_t per_sample = geo.in_plane * geo.in_channels;
+  // Samples per launch: as many as the grad_input buffer budget allows, spread evenly.
+  const int64_t fit = need_input ? std::max<int64_t>(1, std::min<int64_t>(geo.batch, kGradInputBudget / per_sample))
+                                 : geo.batch;
+  const int64_t launches = (geo.batch + fit - 1) / fit;
+  const int64_t chunk = (geo.batch + launches - 1) / launches;
+  at::Tensor grad_input_buffer;
+  if (need_input) grad_input_buffer = at::empty({chunk * per_sample}, options);
+
+  auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
+    // Splits over positions; each split owns one slice of the weight-gradient workspace. All
+    // blocks do the same work, so the grid is sized to whole waves of resident blocks: the
+    // smallest number of waves (2 to 16) that keeps the last one at least 90% full.
+    const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / kBK);
+    const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
+    const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({tiles, choose_splits(blocks_x, wave), 65535}));
+    at::Tensor weight_part;
+    if (need_weight) weight_part = at::empty({splits, geo.groups, block_n, R}, options);
+    const bool vector_grad_out =
+        geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
+    for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
+      const int64_t n = std::min(chunk, geo.batch - b0);
+      if (need_input) grad_input_buffer.narrow(0, 0, n * per_sample).zero_();
+      BackwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>() + b0 * per_sample,
+                                  offset.const_data_ptr<scalar_t>(),
+                                  mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                  weight_rows.const_data_ptr<scalar_t>(),
+                                  grad_output.const_data_ptr<scalar_t>(),
+                                  b0,
+                                  n,
+                                  vector_grad_out,
+                                  need_input ? grad_input_buffer.mutable_data_ptr<float>() : nullptr,
+                                  need_offset && direct ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
+                                  need_mask && direct ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr,
+                                  offset_sum.defined() ? offset_sum.mutable_data_ptr<float>() : nullptr,
+                                  mask_sum.defined() ? mask_sum.mutable_data_ptr<float>() : nullptr,
+                                  need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
+                                  b0 > 0};
+      kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(splits)), kThreads, shared_bytes, stream>>>(
+          geo, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer.view({chunk, geo.in_plane, geo.in_channels}));
+    }
+    if (need_weight) {
+      auto rows = weight_part.sum(0);
+      grad_weight_rows = block_n == out_per_group ? rows : rows.narrow(1, 0, out_per_group).contiguous();
+    }
+  };
+  if (out_per_group > 64) {
+    run(backward_kernel<D, 128, scalar_t>, 128, sizeof(BackwardShared<D, 128>), backward_blocks_per_sm<D, 128, scalar_t>());
+  } else {
+    run(backward_kernel<D, 64, scalar_t>, 64, sizeof(BackwardShared<D, 64>), backward_blocks_per_sm<D, 64, scalar_t>());
+  }
+  if (offset_sum.defined()) grad_offset.copy_(offset_sum);
+  if (mask_sum.defined()) grad_mask.copy_(mask_sum);
+}
+
+}  // namespace implicit_gemm
+}  // namespace dcnlab
