@@ -46,8 +46,8 @@ def kernel_names(fn) -> set[str]:
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("config", range(len(FUSED_CONFIGS)))
 def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, path, monkeypatch):
-    if path == "im2col":
-        monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    # "fused" also takes the fused backward past its per-shape pick (C_out/groups <= 64).
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
     case = make_case(dims, seed=10 + config, **config_for(dims, FUSED_CONFIGS[config]))
     check_against_reference(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")
@@ -74,12 +74,22 @@ VECTOR_CONFIGS = [
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("config", range(len(VECTOR_CONFIGS)))
-def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, config):
+def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, config, monkeypatch):
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
     case = make_case(dims, seed=20 + config, **config_for(dims, VECTOR_CONFIGS[config]))
     assert math.prod(case.out_size) % 8 == 0
     check_against_reference(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")
     assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+
+
+@pytest.mark.parametrize("out_channels, fused_backward", [(64, True), (128, False)])
+def test_per_shape_pick_of_the_backward(out_channels, fused_backward):
+    # Without DCNLAB_CUDA_PATH the forward is fused up to 128 channels per group, the backward up to 64.
+    case = make_case(2, in_channels=64, out_channels=out_channels, padding=1, in_size=8)
+    names = kernel_names(lambda: fused_forward_backward(case.to(dtype=torch.bfloat16, device="cuda")))
+    assert any("forward_kernel" in name and "implicit_gemm" in name for name in names), names
+    assert any("backward_kernel" in name and "implicit_gemm" in name for name in names) == fused_backward, names
 
 
 @pytest.mark.parametrize("wanted", [("weight",), ("input",), ("offset",), ("mask",), ("offset", "weight", "bias")])

@@ -24,6 +24,9 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace dcnlab {
 namespace implicit_gemm {
 
@@ -241,14 +244,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// DCNLAB_CUDA_PATH: "im2col" never fuses, "fused" fuses wherever the kernels can (for
+// measurements), anything else (or unset) picks per shape.
+inline std::string requested_path() {
+  const char* path_variable = std::getenv("DCNLAB_CUDA_PATH");
+  return path_variable ? path_variable : "auto";
+}
+
 // Whether the fused forward handles this call; the caller uses the im2col path otherwise.
 template <int D>
 bool applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
   const auto dtype = input_channels_last.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  // DCNLAB_CUDA_PATH: im2col never fuses, fused fuses wherever the kernel can (for measurements).
-  const char* path_variable = std::getenv("DCNLAB_CUDA_PATH");
-  const std::string path = path_variable ? path_variable : "auto";
+  const std::string path = requested_path();
   if (path == "im2col") return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
   const int64_t in_per_group = geo.in_channels / geo.groups;

@@ -26,7 +26,8 @@
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
 // Conditions: those of the fused forward (applies() in implicit_gemm.cuh) and C_out/G <= 128
-// (one tile of output channels); not under deterministic algorithms (the grad_input atomics).
+// (one tile of output channels; by default <= 64, where it beats the im2col backward); not under
+// deterministic algorithms (the grad_input atomics).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -308,15 +309,26 @@ __global__ void __launch_bounds__(kThreads, 2)
         grad[4] = high.x, grad[5] = high.y, grad[6] = high.z, grad[7] = high.w;
       }
       if (args.grad_input) {
+        // The four lanes of a position add channels 4*pack..4*pack+3 and 16+4*pack..16+4*pack+3
+        // (not their own gather pack), so that each of the two vector atomics of a corner covers 64
+        // contiguous bytes across the lanes: two 32-byte sectors instead of four half-used ones.
+        float scatter[kPack];
+        {
+          const float* source = smem.grad_columns + row * kLdGrad + pack * 4;
+          const float4 low = *reinterpret_cast<const float4*>(source);
+          const float4 high = *reinterpret_cast<const float4*>(source + 16);
+          scatter[0] = low.x, scatter[1] = low.y, scatter[2] = low.z, scatter[3] = low.w;
+          scatter[4] = high.x, scatter[5] = high.y, scatter[6] = high.z, scatter[7] = high.w;
+        }
         for (int corner = 0; corner < kCorners; ++corner) {
           const int64_t index = points.index[corner][row];
           if (index < 0) continue;
           const float scale = modulation * weights[corner];
-          float* target = args.grad_input + index + channel;
-          const float low[4] = {grad[0] * scale, grad[1] * scale, grad[2] * scale, grad[3] * scale};
-          const float high[4] = {grad[4] * scale, grad[5] * scale, grad[6] * scale, grad[7] * scale};
+          float* target = args.grad_input + index + c_abs + pack * 4;
+          const float low[4] = {scatter[0] * scale, scatter[1] * scale, scatter[2] * scale, scatter[3] * scale};
+          const float high[4] = {scatter[4] * scale, scatter[5] * scale, scatter[6] * scale, scatter[7] * scale};
           atomic_add_pack<4>(target, low);
-          atomic_add_pack<4>(target + 4, high);
+          atomic_add_pack<4>(target + 16, high);
         }
       }
       if (!want_position) continue;
@@ -414,7 +426,11 @@ inline int64_t choose_splits(int64_t blocks_x, int64_t wave) {
 template <int D>
 bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
   if (at::globalContext().deterministicAlgorithms()) return false;  // grad_input needs atomics
-  if (geo.out_channels / geo.groups > 128) return false;
+  const int64_t out_per_group = geo.out_channels / geo.groups;
+  if (out_per_group > 128) return false;
+  // Measured on H200 (docs/perf-notes.md, v11): faster than the im2col backward for C_out/G <= 64
+  // (the 2-D and 3-D shapes), slower for 128 (the 1-D shape, where the product dominates).
+  if (out_per_group > 64 && requested_path() != "fused") return false;
   return applies(geo, input_channels_last, weight_rows) &&
          geo.in_channels / geo.groups * geo.kernel_points < (int64_t(1) << 31) &&  // R: a fragment's leading dimension
          geo.groups * geo.kernel_points * (geo.in_channels / geo.groups / kBK) < (int64_t(1) << 31);
