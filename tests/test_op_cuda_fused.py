@@ -1,8 +1,9 @@
 """The fused (implicit-GEMM) CUDA paths against the float64 reference, next to the im2col path.
 
-The fused forward and backward take half types where C_in/groups and C_in/offset_groups are
-multiples of 32 and C_in/groups, C_out/groups are at most 128 (the backward also outside
-deterministic mode); DCNLAB_CUDA_PATH=im2col forces the column path. A profiler check makes sure
+The fused forward takes half types where C_in/groups and C_in/offset_groups are multiples of 32
+and C_in/groups, C_out/groups are at most 128; the fused backward the same with C_out/groups at
+most 64, outside deterministic mode. DCNLAB_CUDA_PATH=im2col forces the column path, =fused the
+fused kernels wherever they can run (the backward up to 128 output channels per group). A profiler check makes sure
 each test runs the path it names. All tests carry the `gpu` marker.
 """
 
