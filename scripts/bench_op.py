@@ -3,7 +3,8 @@
 For each shape of a preset and each dtype it times, on the same inputs and in the same run,
 three contenders: dcnlab's op, `torchvision.ops.deform_conv2d` (2D only; for bf16 rows also in
 fp16, since torchvision has no bf16) and the dense convolution of the same weight shape
-(`torch.nn.functional.conv{1,2,3}d`, cuDNN with benchmark mode on CUDA). Forward is timed under
+(`torch.nn.functional.conv{1,2,3}d`; on CUDA the faster of cuDNN's autotuned and heuristic
+algorithms, each timed). Forward is timed under
 `torch.no_grad()`; forward+backward is the forward followed by `torch.autograd.grad` for every
 input that requires grad (input, offset, mask, weight and bias; input, weight and bias for the
 dense conv) with a random grad_output, so no `.grad` is accumulated in the loop. Times are
@@ -377,6 +378,29 @@ def ratios(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def bench_dense(sets: list[Inputs], shape: Shape, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """The dense conv; on CUDA timed with cuDNN's autotuned algorithms (benchmark=True) and with its heuristic
+    choice (benchmark=False), "dense" being the faster of the two per mode. The autotuned pick alone varied up
+    to 2.5x between runs on fresh machines, which made the dcnlab/dense ratios swing with it."""
+    if device.type != "cuda":
+        return {"dense": bench_contender(DENSE, sets, shape, device, args)}
+    variants: dict[str, Any] = {}
+    for name, autotune in (("dense_autotuned", True), ("dense_heuristic", False)):
+        torch.backends.cudnn.benchmark = autotune
+        try:
+            variants[name] = bench_contender(DENSE, sets, shape, device, args)
+        finally:
+            torch.backends.cudnn.benchmark = True
+    best: dict[str, Any] = {}
+    for mode in ("fwd", "fwd_bwd"):
+        timed = [(v[mode]["median_ms"], name) for name, v in variants.items() if "median_ms" in v.get(mode, {})]
+        source = min(timed)[1] if timed else "dense_autotuned"
+        best[mode] = {**variants[source][mode], "from": source}
+        if mode == "fwd_bwd" and "fwd_bwd_peak_mib" in variants[source]:
+            best["fwd_bwd_peak_mib"] = variants[source]["fwd_bwd_peak_mib"]
+    return {"dense": best, **variants}
+
+
 def bench_row(shape: Shape, dtype_name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Check dcnlab on the shape, then time every contender in this dtype (and torchvision in fp16 for bf16)."""
     dtype = DTYPES[dtype_name]
@@ -384,7 +408,8 @@ def bench_row(shape: Shape, dtype_name: str, device: torch.device, args: argpars
     row["check"] = check_dcnlab(shape, dtype_name, device, args.seed)
     sets = input_sets(shape, dtype, device, args.seed)
     row["input_sets"] = len(sets)
-    row["contenders"] = {c.name: bench_contender(c, sets, shape, device, args) for c in (DCNLAB, TORCHVISION, DENSE)}
+    row["contenders"] = {c.name: bench_contender(c, sets, shape, device, args) for c in (DCNLAB, TORCHVISION)}
+    row["contenders"].update(bench_dense(sets, shape, device, args))
     if dtype == torch.bfloat16 and shape.dims == 2:
         fp16_sets = [Inputs(*(t.detach().half().requires_grad_() for t in s[:5]), s.grad_output.half()) for s in sets]
         del sets
@@ -449,7 +474,7 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
             "device_name": torch.cuda.get_device_name(device),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_benchmark": "best of True and False (dense)",
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         }
@@ -508,7 +533,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "- inputs: C_in = C_out, stride 1, padding k//2, dilation 1, mask U(0,1) and bias on, offsets N(0,1); "
         "dense = torch.nn.functional.conv{1,2,3}d with the same weight"
         + (
-            f" (cuDNN, benchmark={meta['cudnn_benchmark']}, cuDNN TF32={meta['cudnn_allow_tf32']}, "
+            " (cuDNN, per mode the faster of its autotuned (benchmark=True) and heuristic (benchmark=False) "
+            f"algorithms, cuDNN TF32={meta['cudnn_allow_tf32']}, "
             f"matmul TF32={meta['matmul_allow_tf32']})"
             if meta["device"] == "cuda"
             else ""
