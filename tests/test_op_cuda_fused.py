@@ -1,9 +1,9 @@
 """The fused (implicit-GEMM) CUDA paths against the float64 reference, next to the im2col path.
 
-The fused forward takes half types where C_in/groups and C_in/offset_groups are multiples of 32
-and C_in/groups, C_out/groups are at most 128; the fused backward the same with C_out/groups at
-most 64, outside deterministic mode. DCNLAB_CUDA_PATH=im2col forces the column path, =fused the
-fused kernels wherever they can run (the backward up to 128 output channels per group). A profiler check makes sure
+The fused forward and backward take half types where C_in/groups and C_in/offset_groups are
+multiples of 32 and C_in/groups, C_out/groups are at most 128 (the backward outside deterministic
+mode). DCNLAB_CUDA_PATH=im2col forces the column path, =fused the fused kernels wherever they can
+run (the forward past 128 channels per group too). A profiler check makes sure
 each test runs the path it names. All tests carry the `gpu` marker.
 """
 
@@ -47,7 +47,6 @@ def kernel_names(fn) -> set[str]:
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("config", range(len(FUSED_CONFIGS)))
 def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, path, monkeypatch):
-    # "fused" also takes the fused backward past its per-shape pick (C_out/groups <= 64).
     monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
     case = make_case(dims, seed=10 + config, **config_for(dims, FUSED_CONFIGS[config]))
     check_against_reference(case, dtype)
@@ -84,13 +83,13 @@ def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, co
     assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
 
 
-@pytest.mark.parametrize("out_channels, fused_backward", [(64, True), (128, False)])
-def test_per_shape_pick_of_the_backward(out_channels, fused_backward):
-    # Without DCNLAB_CUDA_PATH the forward is fused up to 128 channels per group, the backward up to 64.
-    case = make_case(2, in_channels=64, out_channels=out_channels, padding=1, in_size=8)
+@pytest.mark.parametrize("channels, fused", [(64, True), (128, True), (256, False)])
+def test_per_shape_pick(channels, fused):
+    # Without DCNLAB_CUDA_PATH the forward and the backward are fused up to 128 channels per group.
+    case = make_case(2, in_channels=channels, out_channels=channels, padding=1, in_size=8)
     names = kernel_names(lambda: fused_forward_backward(case.to(dtype=torch.bfloat16, device="cuda")))
-    assert any("forward_kernel" in name and "implicit_gemm" in name for name in names), names
-    assert any("backward_kernel" in name and "implicit_gemm" in name for name in names) == fused_backward, names
+    assert any("forward_kernel" in name and "implicit_gemm" in name for name in names) == fused, names
+    assert any("backward_kernel" in name and "implicit_gemm" in name for name in names) == fused, names
 
 
 @pytest.mark.parametrize("wanted", [("weight",), ("input",), ("offset",), ("mask",), ("offset", "weight", "bias")])

@@ -20,13 +20,14 @@
 //      chunk's 4 lanes with shuffles,
 //   4. accumulates grad_weight (BN x kBK, fp32 fragments that stay in registers across tiles) on
 //      tensor cores from the grad-output tile and the columns.
-// At the end each block writes its partial weight gradient into its own slice of a workspace
+// Both products are mma.sync m16n8k16 with operands loaded by ldmatrix (the transposes by
+// ldmatrix.trans). At the end each block writes its partial weight gradient into its own slice of a workspace
 // (split over positions), which one sum reduces: deterministic, no atomics. The offset and mask
 // gradients are written directly when an offset group is one chunk (kBK channels); otherwise each
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
-// Conditions: those of the fused forward (applies() in implicit_gemm.cuh) and C_out/G <= 128
-// (one tile of output channels; by default <= 64, where it beats the im2col backward); not under
+// Conditions: those of the fused forward (applies() in implicit_gemm.cuh, so by default at most
+// 128 channels per group) and C_out/G <= 128 (one tile of output channels); not under
 // deterministic algorithms (the grad_input atomics).
 #pragma once
 
@@ -84,6 +85,45 @@ __device__ __forceinline__ float corner_slope(const float (&frac)[D], int corner
   return factor;
 }
 
+// Tensor-core primitives of the two products: ldmatrix loads of 8x8 b16 tiles from shared memory
+// (rows of 16 bytes at the lane addresses; .trans delivers the transpose) and mma.sync
+// m16n8k16 with fp32 accumulation. Fragment layouts are those of the PTX ISA: with g = lane / 4
+// and t = lane % 4, A regs hold (row g, cols 2t..2t+1), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8);
+// B regs (rows 2t..2t+1, col g), (2t + 8, g); C (g, 2t..2t+1), (g + 8, 2t..2t+1).
+__device__ __forceinline__ void load_matrix_x4(unsigned (&regs)[4], const void* row, bool transpose) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (transpose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+                 : "r"(address));
+  }
+#endif
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&acc)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
 // A 16-byte pack of the input through the read-only data path (the input is never written
 // while the kernel runs), which also lets the compiler move the loads past the atomics.
 template <typename scalar_t>
@@ -118,16 +158,16 @@ template <int D, int BN, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_kernel(const ConvGeometry<D> geo, const BackwardArgs<scalar_t> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  using T = typename WmmaType<scalar_t>::type;
   constexpr int BM = kBackwardBM;
   constexpr int kLdOut = BM + 8;
   constexpr int kPacksPerRow = kBK / kPack;
   constexpr int kCorners = TilePoints<D>::kCorners;
-  // The weight gradient's (BN / 16) x 2 fragments over 8 warps.
-  constexpr int kWeightFrags = BN / 64;                // per warp: 1 (BN = 64) or 2 (BN = 128)
-  constexpr int kWarpsPerWeightRow = 2 / kWeightFrags;  // warps sharing 16 output channels
-  static_assert(BM == 16 * (kThreads / 32) && (BN == 64 || BN == 128) && kPacksPerRow == 4, "tile shape");
+  // The weight gradient (BN x kBK) in 16 x 8 tiles over 8 warps: 16 output channels x kTiles
+  // tiles of 8 channels each.
+  constexpr int kWarpsPerWeightRow = 128 / BN;          // warps sharing 16 output channels: 1 or 2
+  constexpr int kTiles = (kBK / 8) / kWarpsPerWeightRow;  // 4 (BN = 128) or 2 (BN = 64)
+  static_assert(BM == 16 * (kThreads / 32) && (BN == 64 || BN == 128) && kPacksPerRow == 4 && kBK == 32,
+                "tile shape");
   extern __shared__ __align__(128) unsigned char backward_shared[];
   auto& smem = *reinterpret_cast<BackwardShared<D, BN>*>(backward_shared);
 
@@ -169,25 +209,31 @@ __global__ void __launch_bounds__(kThreads, 2)
     copy_async_16(smem.weight + co * kLd + pack * kPack, source, valid ? 16 : 0);
   }
 
-  const int weight_row = (warp / kWarpsPerWeightRow) * 16;       // first output channel of this warp's fragments
-  const int weight_col = (warp % kWarpsPerWeightRow) * kWeightFrags;  // first 16-channel fragment
+  // Lane roles in the fragments (see mma_16816) and in the ldmatrix addresses (lane / 8 picks one of
+  // the four 8x8 tiles, lane % 8 its row).
+  const int lane = tid % 32;
+  const int group = lane / 4;
+  const int pair = (lane % 4) * 2;
+  const int quad = lane / 8;
+  const int quad_row = lane % 8;
+  const int weight_row = (warp / kWarpsPerWeightRow) * 16;            // first output channel of this warp
+  const int weight_col = (warp % kWarpsPerWeightRow) * kTiles * 8;    // first channel of this warp
   float* weight_part = args.grad_weight_part
-                           ? args.grad_weight_part + ((static_cast<int64_t>(blockIdx.y) * geo.groups + g) * BN + weight_row) * R +
+                           ? args.grad_weight_part + ((static_cast<int64_t>(blockIdx.y) * geo.groups + g) * BN) * R +
                                  static_cast<int64_t>(k) * in_per_group + c0
                            : nullptr;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> weight_acc[kWeightFrags];
-  for (int f = 0; f < kWeightFrags; ++f) {
-    if (want_columns && args.accumulate_weight) {
-      wmma::load_matrix_sync(weight_acc[f], weight_part + (weight_col + f) * 16, static_cast<unsigned>(R),
-                             wmma::mem_row_major);
-    } else {
-      wmma::fill_fragment(weight_acc[f], 0.0f);
+  float weight_acc[kTiles][4] = {};
+  if (want_columns && args.accumulate_weight) {
+    for (int n = 0; n < kTiles; ++n) {
+      for (int half = 0; half < 2; ++half) {
+        const float2 value = *reinterpret_cast<const float2*>(
+            weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair);
+        weight_acc[n][2 * half] = value.x;
+        weight_acc[n][2 * half + 1] = value.y;
+      }
     }
   }
 
-  const T* out_tile = reinterpret_cast<const T*>(smem.grad_out);
-  const T* weight_tile = reinterpret_cast<const T*>(smem.weight);
-  const T* column_tile = reinterpret_cast<const T*>(smem.columns);
   const int64_t tiles = (M + BM - 1) / BM;
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
     const int64_t m0 = tile * BM;
@@ -252,21 +298,23 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 2. Grad columns (BM x kBK) = grad-output tile^T (BM x BN) @ weight slice (BN x kBK); warp w
     // owns rows 16w..16w+15.
     if (want_grad_columns) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> grad_acc[2];
-      wmma::fill_fragment(grad_acc[0], 0.0f);
-      wmma::fill_fragment(grad_acc[1], 0.0f);
+      float grad_acc[kBK / 8][4] = {};
       for (int co0 = 0; co0 < out_end; co0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-        wmma::load_matrix_sync(a, out_tile + co0 * kLdOut + warp * 16, kLdOut);
-        for (int f = 0; f < 2; ++f) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, weight_tile + co0 * kLd + f * 16, kLd);
-          wmma::mma_sync(grad_acc[f], a, b, grad_acc[f]);
+        // A (positions x output channels) is the transpose of the stored tile.
+        unsigned a[4];
+        load_matrix_x4(a, smem.grad_out + (co0 + quad_row + 8 * (quad / 2)) * kLdOut + warp * 16 + 8 * (quad % 2), true);
+        for (int n = 0; n < kBK / 8; n += 2) {
+          unsigned b[4];
+          load_matrix_x4(b, smem.weight + (co0 + quad_row + 8 * (quad % 2)) * kLd + n * 8 + 8 * (quad / 2), true);
+          mma_16816<scalar_t>(grad_acc[n], a, b[0], b[1]);
+          mma_16816<scalar_t>(grad_acc[n + 1], a, b[2], b[3]);
         }
       }
-      for (int f = 0; f < 2; ++f) {
-        wmma::store_matrix_sync(smem.grad_columns + warp * 16 * kLdGrad + f * 16, grad_acc[f], kLdGrad,
-                                wmma::mem_row_major);
+      for (int n = 0; n < kBK / 8; ++n) {
+        for (int half = 0; half < 2; ++half) {
+          *reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad + n * 8 + pair) =
+              make_float2(grad_acc[n][2 * half], grad_acc[n][2 * half + 1]);
+        }
       }
     }
     __syncthreads();
@@ -366,21 +414,25 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x kBK).
     if (want_columns && weight_row < out_end) {
       for (int p0 = 0; p0 < BM; p0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, out_tile + weight_row * kLdOut + p0, kLdOut);
-        for (int f = 0; f < kWeightFrags; ++f) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, column_tile + p0 * kLd + (weight_col + f) * 16, kLd);
-          wmma::mma_sync(weight_acc[f], a, b, weight_acc[f]);
+        unsigned a[4];
+        load_matrix_x4(a, smem.grad_out + (weight_row + quad_row + 8 * (quad % 2)) * kLdOut + p0 + 8 * (quad / 2), false);
+        for (int n = 0; n < kTiles; n += 2) {
+          unsigned b[4];
+          load_matrix_x4(b, smem.columns + (p0 + quad_row + 8 * (quad % 2)) * kLd + weight_col + n * 8 + 8 * (quad / 2),
+                         true);
+          mma_16816<scalar_t>(weight_acc[n], a, b[0], b[1]);
+          mma_16816<scalar_t>(weight_acc[n + 1], a, b[2], b[3]);
         }
       }
     }
   }
   copy_async_wait_all();  // a block without tiles still issued the weight-slice copies
   if (want_columns) {
-    for (int f = 0; f < kWeightFrags; ++f) {
-      wmma::store_matrix_sync(weight_part + (weight_col + f) * 16, weight_acc[f], static_cast<unsigned>(R),
-                              wmma::mem_row_major);
+    for (int n = 0; n < kTiles; ++n) {
+      for (int half = 0; half < 2; ++half) {
+        *reinterpret_cast<float2*>(weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair) =
+            make_float2(weight_acc[n][2 * half], weight_acc[n][2 * half + 1]);
+      }
     }
   }
 #endif
@@ -426,11 +478,9 @@ inline int64_t choose_splits(int64_t blocks_x, int64_t wave) {
 template <int D>
 bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
   if (at::globalContext().deterministicAlgorithms()) return false;  // grad_input needs atomics
-  const int64_t out_per_group = geo.out_channels / geo.groups;
-  if (out_per_group > 128) return false;
-  // Measured on H200 (docs/perf-notes.md, v11): faster than the im2col backward for C_out/G <= 64
-  // (the 2-D and 3-D shapes), slower for 128 (the 1-D shape, where the product dominates).
-  if (out_per_group > 64 && requested_path() != "fused") return false;
+  // One tile of output channels. Measured on H200 (docs/perf-notes.md, v11e): 1.5-2.4x faster than
+  // the im2col backward for C_out/G = 32 and 64, on par for 128 (1D, with a third of the memory).
+  if (geo.out_channels / geo.groups > 128) return false;
   return applies(geo, input_channels_last, weight_rows) &&
          geo.in_channels / geo.groups * geo.kernel_points < (int64_t(1) << 31) &&  // R: a fragment's leading dimension
          geo.groups * geo.kernel_points * (geo.in_channels / geo.groups / kBK) < (int64_t(1) << 31);
