@@ -133,6 +133,22 @@ DCN_HOST_DEVICE acc_t interpolate(const Stencil<D, coord_t>& s, const scalar_t* 
   return value[0];
 }
 
+// d(N-linear weight of `corner`) / d(sample position along axis a): +-prod of the other axes'
+// factors, given the position within the cell (frac) along each axis.
+template <int D, typename acc_t, typename frac_t>
+DCN_HOST_DEVICE acc_t corner_slope(const frac_t (&frac)[D], int corner, int a) {
+  acc_t factor = 1;
+  for (int i = 0; i < D; ++i) {
+    const int bit = (corner >> (D - 1 - i)) & 1;
+    if (i == a) {
+      factor = bit ? factor : -factor;
+    } else {
+      factor *= bit ? static_cast<acc_t>(frac[i]) : acc_t(1) - static_cast<acc_t>(frac[i]);
+    }
+  }
+  return factor;
+}
+
 // Interpolated values and their derivatives with respect to the sample position along each
 // axis. The derivative of a corner weight along axis a is +-prod of the other axes' factors.
 template <int D, int V, typename acc_t, typename coord_t, typename scalar_t>
@@ -146,18 +162,7 @@ DCN_HOST_DEVICE void interpolate_channels_with_position_grad(const Stencil<D, co
     if (!s.inside[c]) continue;
     const auto corner = *reinterpret_cast<const Pack<scalar_t, V>*>(plane + s.index[c]);
     acc_t slope[D];
-    for (int a = 0; a < D; ++a) {
-      acc_t factor = 1;
-      for (int i = 0; i < D; ++i) {
-        const int bit = (c >> (D - 1 - i)) & 1;
-        if (i == a) {
-          factor = bit ? factor : -factor;
-        } else {
-          factor *= bit ? static_cast<acc_t>(s.frac[i]) : acc_t(1) - static_cast<acc_t>(s.frac[i]);
-        }
-      }
-      slope[a] = factor;
-    }
+    for (int a = 0; a < D; ++a) slope[a] = corner_slope<D, acc_t>(s.frac, c, a);
     const acc_t weight = static_cast<acc_t>(s.weight[c]);
     for (int v = 0; v < V; ++v) {
       const acc_t x = static_cast<acc_t>(corner.v[v]);

@@ -108,10 +108,14 @@ def test_fused_backward_computes_any_subset_of_gradients(wanted):
         assert_close_to_scale(grad, expected[name], 3e-2, f"grad {name}")
 
 
-def test_fused_backward_over_several_sample_chunks_matches_im2col(monkeypatch):
-    # 9 samples of 64 x 128 x 128 fp32 grad_input are 9 Mi elements, more than the fused backward's
-    # 8 Mi-element buffer: two launches (5 + 4 samples), the weight gradient accumulating over them.
-    case = make_case(2, batch=9, in_channels=64, out_channels=64, in_size=128, padding=1, offset_scale=2.0, seed=4)
+@pytest.mark.parametrize("in_channels, out_channels, in_size", [(64, 64, (128, 128)), (32, 128, (128, 256))])
+def test_fused_backward_over_several_sample_chunks_matches_im2col(in_channels, out_channels, in_size, monkeypatch):
+    # 9 samples of 1 Mi fp32 grad_input elements each are more than the fused backward's 8 Mi-element
+    # buffer: two launches (5 + 4 samples), the weight gradient accumulating over them (64 and 128
+    # output channels: both tile widths).
+    case = make_case(
+        2, batch=9, in_channels=in_channels, out_channels=out_channels, in_size=in_size, padding=1, offset_scale=2.0
+    )
     case = case.to(dtype=torch.bfloat16, device="cuda")
     grad_output = random_grad_output(case)
     names = kernel_names(lambda: run_with_grads(deform_conv, case, grad_output))

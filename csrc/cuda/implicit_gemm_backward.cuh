@@ -42,7 +42,7 @@ namespace dcnlab {
 namespace implicit_gemm {
 
 constexpr int kBackwardBM = 128;  // positions per tile: 8 warps x 16 rows
-constexpr int kLdGrad = kBK + 4;  // fp32 grad-column row: 144 bytes, keeps 32-byte fragment alignment
+constexpr int kLdGrad = kBK + 4;  // fp32 grad-column row: 144 bytes (16-byte aligned float4 reads, fewer bank conflicts)
 // fp32 elements of one chunk's grad_input buffer: the batch is split into chunks of samples so
 // that the buffer stays below this.
 constexpr int64_t kGradInputBudget = int64_t(1) << 23;
@@ -61,6 +61,8 @@ struct TilePoints {
   int64_t offset_index[kBackwardBM];  // the same point's axis-0 element in the offset (B*G_off*K*D, L)
 };
 
+// Rows of 16-bit tiles are 8 elements longer than their data (272 and 80 bytes), which keeps the
+// ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups.
 template <int D, int BN>
 struct alignas(128) BackwardShared {
   __align__(32) uint16_t grad_out[BN * (kBackwardBM + 8)];  // (output channel, position)
@@ -69,21 +71,6 @@ struct alignas(128) BackwardShared {
   __align__(32) float grad_columns[kBackwardBM * kLdGrad];  // (position, channel)
   TilePoints<D> points;
 };
-
-// d(N-linear weight of `corner`) / d(position along axis a).
-template <int D>
-__device__ __forceinline__ float corner_slope(const float (&frac)[D], int corner, int a) {
-  float factor = 1;
-  for (int i = 0; i < D; ++i) {
-    const int bit = (corner >> (D - 1 - i)) & 1;
-    if (i == a) {
-      factor = bit ? factor : -factor;
-    } else {
-      factor *= bit ? frac[i] : 1.0f - frac[i];
-    }
-  }
-  return factor;
-}
 
 // Tensor-core primitives of the two products: ldmatrix loads of 8x8 b16 tiles from shared memory
 // (rows of 16 bytes at the lane addresses; .trans delivers the transpose) and mma.sync
@@ -96,11 +83,13 @@ __device__ __forceinline__ void load_matrix_x4(unsigned (&regs)[4], const void* 
   if (transpose) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-                 : "r"(address));
+                 : "r"(address)
+                 : "memory");
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-                 : "r"(address));
+                 : "r"(address)
+                 : "memory");
   }
 #endif
 }
@@ -390,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         float dot = 0;
         for (int v = 0; v < kPack; ++v) dot += grad[v] * static_cast<float>(corners[corner].v[v]);
         grad_mod += weights[corner] * dot;
-        for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D>(frac, corner, a) * dot;
+        for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D, float>(frac, corner, a) * dot;
       }
       for (int delta = 1; delta < kPacksPerRow; delta *= 2) {
         for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
