@@ -7,23 +7,23 @@
 // and the sampling gradients (input, offset, mask) are functions of each grad_columns element
 // and the same interpolation corners the columns are made of.
 //
-// A block owns one (conv group, kernel point, chunk of kBK input channels) and a strided set of
+// A block owns one (conv group, kernel point, chunk of CH = 32 or 64 input channels) and a strided set of
 // BM-position tiles. For each tile it
 //   1. copies the grad-output tile (BN output channels x BM positions) into shared memory and
 //      builds the tile's stencils (one per position: this kernel point, the chunk's offset group),
-//   2. computes the tile's grad columns (BM x kBK, fp32) on tensor cores from the grad-output
+//   2. computes the tile's grad columns (BM x CH, fp32) on tensor cores from the grad-output
 //      tile and the block's weight slice (loaded once),
 //   3. reads each (position, 8-channel pack)'s interpolation corners once and from them writes
 //      the sampled, modulated columns into shared memory and computes the sampling gradients:
 //      grad_input by one 16-byte vector atomic per 4 channels and corner into an fp32 buffer,
 //      the offset and mask gradients summed over the pack's channels in registers and over the
-//      chunk's 4 lanes with shuffles,
-//   4. accumulates grad_weight (BN x kBK, fp32 fragments that stay in registers across tiles) on
+//      chunk's CH / 8 lanes with shuffles,
+//   4. accumulates grad_weight (BN x CH, fp32 fragments that stay in registers across tiles) on
 //      tensor cores from the grad-output tile and the columns.
 // Both products are mma.sync m16n8k16 with operands loaded by ldmatrix (the transposes by
 // ldmatrix.trans). At the end each block writes its partial weight gradient into its own slice of a workspace
 // (split over positions), which one sum reduces: deterministic, no atomics. The offset and mask
-// gradients are written directly when an offset group is one chunk (kBK channels); otherwise each
+// gradients are written directly when an offset group is one chunk (CH channels); otherwise each
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
 // Conditions: those of the fused forward (applies() in implicit_gemm.cuh, so by default at most
@@ -42,7 +42,6 @@ namespace dcnlab {
 namespace implicit_gemm {
 
 constexpr int kBackwardBM = 128;  // positions per tile: 8 warps x 16 rows
-constexpr int kLdGrad = kBK + 4;  // fp32 grad-column row: 144 bytes (16-byte aligned float4 reads, fewer bank conflicts)
 // fp32 elements of one chunk's grad_input buffer: the batch is split into chunks of samples so
 // that the buffer stays below this.
 constexpr int64_t kGradInputBudget = int64_t(1) << 23;
@@ -61,13 +60,16 @@ struct TilePoints {
   int64_t offset_index[kBackwardBM];  // the same point's axis-0 element in the offset (B*G_off*K*D, L)
 };
 
-// Rows of 16-bit tiles are 8 elements longer than their data (272 and 80 bytes), which keeps the
-// ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups.
-template <int D, int BN>
+// Rows of 16-bit tiles are 8 elements longer than their data (272, and 80 or 144 bytes), which
+// keeps the ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups; fp32
+// grad-column rows are 4 longer (16-byte aligned float4 reads). CH channels per block.
+template <int D, int BN, int CH>
 struct alignas(128) BackwardShared {
+  static constexpr int kLdChannels = CH + 8;
+  static constexpr int kLdGrad = CH + 4;
   __align__(32) uint16_t grad_out[BN * (kBackwardBM + 8)];  // (output channel, position)
-  __align__(32) uint16_t weight[BN * kLd];                  // (output channel, channel)
-  __align__(32) uint16_t columns[kBackwardBM * kLd];        // (position, channel)
+  __align__(32) uint16_t weight[BN * kLdChannels];          // (output channel, channel)
+  __align__(32) uint16_t columns[kBackwardBM * kLdChannels];  // (position, channel)
   __align__(32) float grad_columns[kBackwardBM * kLdGrad];  // (position, channel)
   TilePoints<D> points;
 };
@@ -143,22 +145,24 @@ struct BackwardArgs {
   bool accumulate_weight;       // add to grad_weight_part instead of overwriting it
 };
 
-template <int D, int BN, typename scalar_t>
+template <int D, int BN, int CH, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_kernel(const ConvGeometry<D> geo, const BackwardArgs<scalar_t> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BM = kBackwardBM;
   constexpr int kLdOut = BM + 8;
-  constexpr int kPacksPerRow = kBK / kPack;
+  constexpr int kPacksPerRow = CH / kPack;
   constexpr int kCorners = TilePoints<D>::kCorners;
-  // The weight gradient (BN x kBK) in 16 x 8 tiles over 8 warps: 16 output channels x kTiles
+  // The weight gradient (BN x CH) in 16 x 8 tiles over 8 warps: 16 output channels x kTiles
   // tiles of 8 channels each.
   constexpr int kWarpsPerWeightRow = 128 / BN;          // warps sharing 16 output channels: 1 or 2
-  constexpr int kTiles = (kBK / 8) / kWarpsPerWeightRow;  // 4 (BN = 128) or 2 (BN = 64)
-  static_assert(BM == 16 * (kThreads / 32) && (BN == 64 || BN == 128) && kPacksPerRow == 4 && kBK == 32,
-                "tile shape");
+  constexpr int kTiles = (CH / 8) / kWarpsPerWeightRow;  // CH / 8 (BN = 128) or CH / 16 (BN = 64)
+  static_assert(BM == 16 * (kThreads / 32) && (BN == 64 || BN == 128) && (CH == 32 || CH == 64), "tile shape");
+  using Shared = BackwardShared<D, BN, CH>;
+  constexpr int kLd = Shared::kLdChannels;
+  constexpr int kLdGrad = Shared::kLdGrad;
   extern __shared__ __align__(128) unsigned char backward_shared[];
-  auto& smem = *reinterpret_cast<BackwardShared<D, BN>*>(backward_shared);
+  auto& smem = *reinterpret_cast<Shared*>(backward_shared);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -171,11 +175,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int out_per_group = static_cast<int>(C_out / geo.groups);
   const int K = static_cast<int>(geo.kernel_points);
   const int64_t R = static_cast<int64_t>(in_per_group) * K;
-  const int chunks = in_per_group / kBK;
+  const int chunks = in_per_group / CH;
   const int chunk = blockIdx.x % chunks;
   const int k = (blockIdx.x / chunks) % K;
   const int g = blockIdx.x / (chunks * K);
-  const int c0 = chunk * kBK;
+  const int c0 = chunk * CH;
   const int64_t c_abs = static_cast<int64_t>(g) * in_per_group + c0;
   const int og = static_cast<int>(c_abs / per_offset_group);
   const int out_end = (out_per_group + 15) / 16 * 16;  // output channels the products need to visit
@@ -185,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       args.grad_offset || args.grad_mask || args.grad_offset_sum || args.grad_mask_sum;
   const bool want_grad_columns = want_position || args.grad_input;
 
-  // The weight slice (BN output channels x kBK channels of kernel point k), once per block; its
+  // The weight slice (BN output channels x CH channels of kernel point k), once per block; its
   // copies complete with the first tile's.
   for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
     const int co = p / kPacksPerRow;
@@ -284,22 +288,22 @@ __global__ void __launch_bounds__(kThreads, 2)
     copy_async_wait_all();
     __syncthreads();
 
-    // 2. Grad columns (BM x kBK) = grad-output tile^T (BM x BN) @ weight slice (BN x kBK); warp w
+    // 2. Grad columns (BM x CH) = grad-output tile^T (BM x BN) @ weight slice (BN x CH); warp w
     // owns rows 16w..16w+15.
     if (want_grad_columns) {
-      float grad_acc[kBK / 8][4] = {};
+      float grad_acc[CH / 8][4] = {};
       for (int co0 = 0; co0 < out_end; co0 += 16) {
         // A (positions x output channels) is the transpose of the stored tile.
         unsigned a[4];
         load_matrix_x4(a, smem.grad_out + (co0 + quad_row + 8 * (quad / 2)) * kLdOut + warp * 16 + 8 * (quad % 2), true);
-        for (int n = 0; n < kBK / 8; n += 2) {
+        for (int n = 0; n < CH / 8; n += 2) {
           unsigned b[4];
           load_matrix_x4(b, smem.weight + (co0 + quad_row + 8 * (quad % 2)) * kLd + n * 8 + 8 * (quad / 2), true);
           mma_16816<scalar_t>(grad_acc[n], a, b[0], b[1]);
           mma_16816<scalar_t>(grad_acc[n + 1], a, b[2], b[3]);
         }
       }
-      for (int n = 0; n < kBK / 8; ++n) {
+      for (int n = 0; n < CH / 8; ++n) {
         for (int half = 0; half < 2; ++half) {
           *reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad + n * 8 + pair) =
               make_float2(grad_acc[n][2 * half], grad_acc[n][2 * half + 1]);
@@ -346,14 +350,14 @@ __global__ void __launch_bounds__(kThreads, 2)
         grad[4] = high.x, grad[5] = high.y, grad[6] = high.z, grad[7] = high.w;
       }
       if (args.grad_input) {
-        // The four lanes of a position add channels 4*pack..4*pack+3 and 16+4*pack..16+4*pack+3
-        // (not their own gather pack), so that each of the two vector atomics of a corner covers 64
-        // contiguous bytes across the lanes: two 32-byte sectors instead of four half-used ones.
+        // The lanes of a position add channels 4*pack..4*pack+3 and CH/2+4*pack..CH/2+4*pack+3 (not
+        // their own gather pack), so that each of the two vector atomics of a corner covers CH/2
+        // contiguous channels across the lanes: whole 32-byte sectors, not half-used ones.
         float scatter[kPack];
         {
           const float* source = smem.grad_columns + row * kLdGrad + pack * 4;
           const float4 low = *reinterpret_cast<const float4*>(source);
-          const float4 high = *reinterpret_cast<const float4*>(source + 16);
+          const float4 high = *reinterpret_cast<const float4*>(source + CH / 2);
           scatter[0] = low.x, scatter[1] = low.y, scatter[2] = low.z, scatter[3] = low.w;
           scatter[4] = high.x, scatter[5] = high.y, scatter[6] = high.z, scatter[7] = high.w;
         }
@@ -365,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float low[4] = {scatter[0] * scale, scatter[1] * scale, scatter[2] * scale, scatter[3] * scale};
           const float high[4] = {scatter[4] * scale, scatter[5] * scale, scatter[6] * scale, scatter[7] * scale};
           atomic_add_pack<4>(target, low);
-          atomic_add_pack<4>(target + 16, high);
+          atomic_add_pack<4>(target + CH / 2, high);
         }
       }
       if (!want_position) continue;
@@ -400,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     __syncthreads();
 
-    // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x kBK).
+    // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < out_end) {
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
@@ -429,15 +433,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Opts the kernel into its shared memory (above the 48 KiB default) on the current device, once
 // per device, and returns how many blocks fit on one of its SMs.
-template <int D, int BN, typename scalar_t>
+template <int D, int BN, int CH, typename scalar_t>
 int backward_blocks_per_sm() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> blocks_per_device[kMaxDevices] = {};
   const int device = at::cuda::current_device();
   const bool cached = device < kMaxDevices;
   if (cached && blocks_per_device[device].load() > 0) return blocks_per_device[device].load();
-  const auto kernel = backward_kernel<D, BN, scalar_t>;
-  const int bytes = static_cast<int>(sizeof(BackwardShared<D, BN>));
+  const auto kernel = backward_kernel<D, BN, CH, scalar_t>;
+  const int bytes = static_cast<int>(sizeof(BackwardShared<D, BN, CH>));
   AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int count = 0;
   AT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, bytes));
@@ -490,8 +494,13 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const auto stream = at::cuda::getCurrentCUDAStream();
   const driver_detail::Layout<D, true> layout(geo);
 
+  // Channels per block: 64 where the group and offset group allow it and the weight-gradient
+  // accumulators fit the registers (C_out/G <= 64), which halves the grad-output tile loads and
+  // lets a 64-channel offset group be one chunk; 32 otherwise.
+  const int64_t per_offset_group = geo.channels_per_offset_group();
+  const int chunk_channels = out_per_group <= 64 && in_per_group % 64 == 0 && per_offset_group % 64 == 0 ? 64 : kBK;
   // Offset and mask gradients: direct when an offset group is one chunk, else summed in fp32.
-  const bool direct = geo.channels_per_offset_group() == kBK;
+  const bool direct = per_offset_group == chunk_channels;
   at::Tensor offset_sum, mask_sum;
   if (need_offset && !direct) offset_sum = at::zeros(offset.sizes(), options);
   if (need_mask && !direct) mask_sum = at::zeros(mask->sizes(), options);
@@ -509,7 +518,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     // Splits over positions; each split owns one slice of the weight-gradient workspace. All
     // blocks do the same work, so the grid is sized to whole waves of resident blocks: the
     // smallest number of waves (2 to 16) that keeps the last one at least 90% full.
-    const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / kBK);
+    const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / chunk_channels);
     const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
     const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({tiles, choose_splits(blocks_x, wave), 65535}));
@@ -546,9 +555,14 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     }
   };
   if (out_per_group > 64) {
-    run(backward_kernel<D, 128, scalar_t>, 128, sizeof(BackwardShared<D, 128>), backward_blocks_per_sm<D, 128, scalar_t>());
+    run(backward_kernel<D, 128, 32, scalar_t>, 128, sizeof(BackwardShared<D, 128, 32>),
+        backward_blocks_per_sm<D, 128, 32, scalar_t>());
+  } else if (chunk_channels == 64) {
+    run(backward_kernel<D, 64, 64, scalar_t>, 64, sizeof(BackwardShared<D, 64, 64>),
+        backward_blocks_per_sm<D, 64, 64, scalar_t>());
   } else {
-    run(backward_kernel<D, 64, scalar_t>, 64, sizeof(BackwardShared<D, 64>), backward_blocks_per_sm<D, 64, scalar_t>());
+    run(backward_kernel<D, 64, 32, scalar_t>, 64, sizeof(BackwardShared<D, 64, 32>),
+        backward_blocks_per_sm<D, 64, 32, scalar_t>());
   }
   if (offset_sum.defined()) grad_offset.copy_(offset_sum);
   if (mask_sum.defined()) grad_mask.copy_(mask_sum);
