@@ -54,13 +54,18 @@ inline void gemm_accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tens
   }
 }
 
-// Samples per chunk: as many as fit the column budget, spread evenly over the chunks.
+// Samples per chunk of a batch when each sample needs per_sample elements of a buffer of at most
+// `budget`: as many as fit (at least one), spread evenly over the chunks.
+inline int64_t even_chunk(int64_t batch, int64_t per_sample, int64_t budget) {
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(batch, budget / std::max<int64_t>(per_sample, 1)));
+  const int64_t chunks = (batch + fit - 1) / fit;
+  return (batch + chunks - 1) / chunks;
+}
+
+// Samples per chunk of the column buffer.
 template <int D>
 int64_t chunk_samples(const ConvGeometry<D>& geo, int64_t column_budget) {
-  const int64_t per_sample = geo.in_channels * geo.kernel_points * geo.out_plane;
-  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(geo.batch, column_budget / std::max<int64_t>(per_sample, 1)));
-  const int64_t chunks = (geo.batch + fit - 1) / fit;
-  return (geo.batch + chunks - 1) / chunks;
+  return even_chunk(geo.batch, geo.in_channels * geo.kernel_points * geo.out_plane, column_budget);
 }
 
 template <int D>

@@ -507,12 +507,8 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
 
   const int64_t per_sample = geo.in_plane * geo.in_channels;
   // Samples per launch: as many as the grad_input buffer budget allows, spread evenly.
-  const int64_t fit = need_input ? std::max<int64_t>(1, std::min<int64_t>(geo.batch, kGradInputBudget / per_sample))
-                                 : geo.batch;
-  const int64_t launches = (geo.batch + fit - 1) / fit;
-  const int64_t chunk = (geo.batch + launches - 1) / launches;
-  at::Tensor grad_input_buffer;
-  if (need_input) grad_input_buffer = at::empty({chunk * per_sample}, options);
+  const int64_t chunk = need_input ? driver_detail::even_chunk(geo.batch, per_sample, kGradInputBudget) : geo.batch;
+  const at::Tensor grad_input_buffer = need_input ? layout.grad_input_buffer(chunk, geo, options) : at::Tensor();
 
   auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
     // Splits over positions; each split owns one slice of the weight-gradient workspace. All
@@ -528,7 +524,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
     for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
       const int64_t n = std::min(chunk, geo.batch - b0);
-      if (need_input) grad_input_buffer.narrow(0, 0, n * per_sample).zero_();
+      if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
       BackwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>() + b0 * per_sample,
                                   offset.const_data_ptr<scalar_t>(),
                                   mask ? mask->const_data_ptr<scalar_t>() : nullptr,
@@ -547,7 +543,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(splits)), kThreads, shared_bytes, stream>>>(
           geo, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer.view({chunk, geo.in_plane, geo.in_channels}));
+      if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
     }
     if (need_weight) {
       auto rows = weight_part.sum(0);
