@@ -67,38 +67,57 @@ DCN_HOST_DEVICE void sample_position(const ConvGeometry<D>& geo, int64_t out_ind
   }
 }
 
-// Builds the stencil of a sample point. A point outside (-1, size) along any axis, or with a
-// non-finite coordinate, gets all weights 0: it contributes nothing, and neither does its
-// gradient. The range test comes before any float-to-int conversion, so huge or NaN
-// coordinates never reach one.
+// The cell of a sample point: its lower corner and position within the cell along each axis.
+// Returns false for a point outside (-1, size) along any axis, or with a non-finite coordinate:
+// it contributes nothing, and neither does its gradient. The range test comes before any
+// float-to-int conversion, so huge or NaN coordinates never reach one.
 template <int D, typename coord_t>
-DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_size)[D], Stencil<D, coord_t>& s) {
+DCN_HOST_DEVICE bool stencil_cell(const coord_t (&pos)[D], const int64_t (&in_size)[D], int64_t (&low)[D],
+                                  coord_t (&frac)[D]) {
   bool in_range = true;
   for (int a = 0; a < D; ++a) {
     in_range = in_range && (pos[a] > coord_t(-1)) && (pos[a] < static_cast<coord_t>(in_size[a]));
   }
-  int64_t low[D];
   for (int a = 0; a < D; ++a) {
     if (in_range) {
       const coord_t fl = floor(pos[a]);
       low[a] = static_cast<int64_t>(fl);
-      s.frac[a] = pos[a] - fl;
+      frac[a] = pos[a] - fl;
     } else {
       low[a] = 0;
-      s.frac[a] = 0;
+      frac[a] = 0;
     }
   }
+  return in_range;
+}
+
+// Corner c of a cell (bit D-1-a of c: upper along axis a): whether it lies inside the input,
+// its flat index within one channel plane and its N-linear weight.
+template <int D, typename coord_t>
+DCN_HOST_DEVICE bool stencil_corner(const int64_t (&low)[D], const coord_t (&frac)[D], const int64_t (&in_size)[D],
+                                    bool in_range, int c, int64_t& index, coord_t& weight) {
+  index = 0;
+  weight = 1;
+  bool inside = in_range;
+  for (int a = 0; a < D; ++a) {
+    const int bit = (c >> (D - 1 - a)) & 1;
+    const int64_t q = low[a] + bit;
+    inside = inside && q >= 0 && q < in_size[a];
+    index = index * in_size[a] + q;
+    weight *= bit ? frac[a] : coord_t(1) - frac[a];
+  }
+  return inside;
+}
+
+// Builds the stencil of a sample point (see stencil_cell for points outside the input).
+template <int D, typename coord_t>
+DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_size)[D], Stencil<D, coord_t>& s) {
+  int64_t low[D];
+  const bool in_range = stencil_cell(pos, in_size, low, s.frac);
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
-    int64_t index = 0;
-    coord_t weight = 1;
-    bool inside = in_range;
-    for (int a = 0; a < D; ++a) {
-      const int bit = (c >> (D - 1 - a)) & 1;
-      const int64_t q = low[a] + bit;
-      inside = inside && q >= 0 && q < in_size[a];
-      index = index * in_size[a] + q;
-      weight *= bit ? s.frac[a] : coord_t(1) - s.frac[a];
-    }
+    int64_t index;
+    coord_t weight;
+    const bool inside = stencil_corner(low, s.frac, in_size, in_range, c, index, weight);
     s.inside[c] = inside;
     s.index[c] = inside ? index : 0;
     s.weight[c] = inside ? weight : coord_t(0);

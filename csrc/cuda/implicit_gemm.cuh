@@ -3,49 +3,47 @@
 // The product is output (M = B*L, C_out/G) = columns (M, R) @ weight_rows^T (R, C_out/G) per
 // conv group, with R = K*C_in/G in the order r = k*C_in/G + c (the order of weight_rows in the
 // driver's channels-last layout). The columns never exist in device memory: a block owns a tile
-// of BM output positions x BN output channels and walks R in chunks of kBK channels of one
-// kernel point. For each chunk it gathers the tile's sampled, modulated input values straight
-// into shared memory (the N-linear stencil of each (position, kernel point, offset group) is
-// built once into shared memory and reused for every channel chunk of that offset group),
-// loads the matching weight slice, and multiplies with WMMA fragments (fp32 accumulation). The
-// epilogue adds the bias in fp32 and writes (B, C_out, *out) directly.
+// of BM output positions x BN output channels and walks R in steps of kBK channels of one
+// kernel point. Per step it gathers the tile's sampled, modulated input values straight into
+// shared memory, copies the matching weight slice with cp.async, and multiplies on tensor cores
+// (ldmatrix + mma.sync m16n8k16, fp32 accumulation). The epilogue adds the bias in fp32 and
+// writes (B, C_out, *out) through shared memory, positions contiguous.
+//
+// Pipelining (v12): the operand tiles are double-buffered, so one barrier per step separates a
+// step's gather from its product and the product of step s overlaps the gather of step s+1 in
+// other warps. The N-linear stencil of each (position, kernel point, offset group) is built
+// once into one of two shared buffers, the step before it is needed, from offset and mask
+// values loaded one stencil set ahead; a position's output coordinates are computed once per
+// tile, so the step loop has no 64-bit division and no global load on its critical path other
+// than the corners.
 //
 // Where it is used: the gather costs ~10 instructions per element (fp32 interpolation) and is
-// repeated for every tile of output channels, so it beats im2col + cuBLAS on narrow layers
-// (<= 128 channels per group: 1.2-2.4x faster on H200) and loses on 256-512 channels (~2x
-// slower); docs/perf-notes.md has the measurements (v7, v8) and the profile.
+// repeated for every tile of output channels, so by default it runs for <= 128 channels per
+// group (applies()); docs/perf-notes.md has the measurements and profiles.
 //
 // Conditions (checked by the caller, which falls back to the im2col path otherwise): half or
-// bfloat16, sm_80 or newer, C_in/G and C_in/offset_groups multiples of kBK (a chunk lies in one
+// bfloat16, sm_80 or newer, C_in/G and C_in/offset_groups multiples of kBK (a step lies in one
 // conv group and one offset group), 16-byte aligned input and weight rows.
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 namespace dcnlab {
 namespace implicit_gemm {
 
-constexpr int kThreads = 256;  // 8 warps: 4 along M x 2 along N
-constexpr int kBK = 32;        // channels per reduction chunk
-constexpr int kLd = kBK + 8;   // shared row length in elements: 80 bytes, keeps 32-byte fragment alignment
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kBK = 32;        // channels per reduction step
+constexpr int kLd = kBK + 8;   // shared row length in elements: 80 bytes, 16-byte aligned ldmatrix rows on distinct banks
 constexpr int kPack = 8;       // channels per 16-byte gather
 constexpr int64_t kMaxFusedChannels = 128;  // per conv group, input and output (see applies())
-
-template <typename T>
-struct WmmaType;
-template <>
-struct WmmaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct WmmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 // Asynchronous 16-byte copy global -> shared (sm_80+); with src_bytes = 0 it writes zeros.
 __device__ __forceinline__ void copy_async_16(void* shared, const void* global, int src_bytes) {
@@ -61,31 +59,151 @@ __device__ __forceinline__ void copy_async_wait_all() {
 #endif
 }
 
+// Tensor-core primitives: ldmatrix loads of 8x8 b16 tiles from shared memory (rows of 16 bytes
+// at the lane addresses: lane / 8 picks one of the four tiles, lane % 8 its row; .trans delivers
+// the transpose) and mma.sync m16n8k16 with fp32 accumulation. Fragment layouts are those of the
+// PTX ISA: with g = lane / 4 and t = lane % 4, A regs hold (row g, cols 2t..2t+1), (g + 8, 2t),
+// (g, 2t + 8), (g + 8, 2t + 8); B regs (rows 2t..2t+1, col g), (2t + 8, g); C (g, 2t..2t+1),
+// (g + 8, 2t..2t+1).
+__device__ __forceinline__ void load_matrix_x4(unsigned (&regs)[4], const void* row, bool transpose) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (transpose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+                 : "r"(address)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+                 : "r"(address)
+                 : "memory");
+  }
+#endif
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&acc)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// A 16-byte pack of the input through the read-only data path (the input is never written
+// while the kernels run).
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* source) {
+  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(source));
+  Pack<scalar_t, kPack> pack;
+  static_assert(sizeof(pack) == sizeof(bits), "16-byte packs");
+  memcpy(&pack, &bits, sizeof(bits));
+  return pack;
+}
+
 // 16 zero bytes: the source of the gather for interpolation corners outside the input, so that
 // the inner loop needs no per-element select (and a non-finite input element can never leak
 // into a point that does not touch it).
 __device__ __align__(16) unsigned char zero_pack[16];
 
-// Corners of one (position, kernel point, offset group) of the tile: element offsets into the
-// channels-last input including the sample's base, -1 for a corner outside the input.
+// q / d and q % d, in 32 bits where q and d fit (64-bit division is a ~70-instruction routine).
+__device__ __forceinline__ void divide(int64_t q, int64_t d, int64_t& quotient, int64_t& remainder) {
+  if (q < (int64_t(1) << 31) && d < (int64_t(1) << 31)) {
+    const unsigned qq = static_cast<unsigned>(q);
+    const unsigned dd = static_cast<unsigned>(d);
+    quotient = qq / dd;
+    remainder = qq - static_cast<unsigned>(quotient) * dd;
+  } else {
+    quotient = q / d;
+    remainder = q - quotient * d;
+  }
+}
+
+// out * stride - padding along each axis for the flat output position l: with the kernel
+// point's displacement (kernel_displacement) and the offset, the sample position.
 template <int D>
-struct TilePoint {
-  static constexpr int kCorners = 1 << D;
-  int64_t index[kCorners];
-  float weight[kCorners];  // N-linear weight times the modulation
+__device__ __forceinline__ void output_origin(const ConvGeometry<D>& geo, int64_t l, int64_t (&origin)[D]) {
+  for (int a = D - 1; a >= 0; --a) {
+    int64_t rest, o;
+    divide(l, geo.out_size[a], rest, o);
+    l = rest;
+    origin[a] = o * geo.stride[a] - geo.padding[a];
+  }
+}
+
+// k's coordinate times the dilation along each axis.
+template <int D>
+__device__ __forceinline__ void kernel_displacement(const ConvGeometry<D>& geo, int k, int64_t (&displacement)[D]) {
+  for (int a = D - 1; a >= 0; --a) {
+    const int size = static_cast<int>(geo.kernel[a]);
+    displacement[a] = (k % size) * geo.dilation[a];
+    k /= size;
+  }
+}
+
+// The stencil of a sample point from its origin, displacement and raw offsets: the same
+// arithmetic as sample_position() + build_stencil() in sampling.h, without the divisions.
+template <int D>
+__device__ __forceinline__ void stencil_at(const ConvGeometry<D>& geo, const int64_t (&origin)[D],
+                                           const int64_t (&displacement)[D], const float* raw, Stencil<D, float>& s) {
+  float pos[D];
+  for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(origin[a] + displacement[a]) + raw[a];
+  build_stencil(pos, geo.in_size, s);
+}
+
+// Opts `kernel` into `bytes` of dynamic shared memory (above the 48 KiB default) on the current
+// device, once per device, and returns how many of its blocks fit on one SM.
+template <auto kernel>
+int opt_in_shared_memory(int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> blocks_per_device[kMaxDevices] = {};
+  const int device = at::cuda::current_device();
+  const bool cached = device < kMaxDevices;
+  if (cached && blocks_per_device[device].load() > 0) return blocks_per_device[device].load();
+  AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int count = 0;
+  AT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, bytes));
+  count = count > 1 ? count : 1;
+  if (cached) blocks_per_device[device].store(count);
+  return count;
+}
+
+// One buffer of the tile's stencils (one kernel point, one offset group), structure of arrays:
+// a warp's reads of eight consecutive rows hit consecutive banks.
+template <int D, int BM>
+struct ForwardPoints {
+  int64_t index[1 << D][BM];  // element offset of the corner's channel 0 incl. the sample's base, -1 outside
+  float weight[1 << D][BM];   // N-linear weight times the modulation
 };
 
 template <int D, int BM, int BN>
-struct alignas(128) SharedTile {
+struct alignas(128) ForwardShared {
+  static constexpr int kScratchLd = BM + 8;
   union {
     struct {
-      __align__(32) uint16_t a[BM * kLd];  // sampled values, row-major (position, channel)
-      __align__(32) uint16_t b[BN * kLd];  // weight slice, (output channel, channel) = B col-major
+      __align__(16) uint16_t a[2][BM * kLd];  // sampled values, (position, channel), per stage
+      __align__(16) uint16_t b[2][BN * kLd];  // weight slice, (output channel, channel), per stage
     } operands;
-    __align__(32) float scratch[kThreads / 32][16 * 16];  // epilogue: one fragment per warp
+    __align__(16) uint16_t scratch[BN * kScratchLd];  // epilogue: (output channel, position)
   };
-  TilePoint<D> points[BM];
+  ForwardPoints<D, BM> points[2];
   int64_t out_base[BM];  // b * C_out * L + l of each tile row, -1 past the end
+  // Written and read only by the thread that builds the row's stencils (kept here, not in
+  // registers, which the accumulators need).
+  int64_t row_sample[BM];     // b
+  int64_t row_position[BM];   // l
+  int64_t row_origin[D][BM];  // see output_origin
 };
 
 // Tiles: BM output positions x BN output channels; 8 warps as (BM / 32) x (8 / (BM / 32)), each
@@ -96,17 +214,17 @@ __global__ void __launch_bounds__(kThreads, 2)
                    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ weight_rows,
                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ output) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  using T = typename WmmaType<scalar_t>::type;
   constexpr int kWarpsM = BM / 32;
   constexpr int kWarpsN = (kThreads / 32) / kWarpsM;
   constexpr int kWarpN = BN / kWarpsN;  // columns per warp
-  constexpr int kFragM = 2;             // 32 rows per warp
-  constexpr int kFragN = kWarpN / 16;
+  constexpr int kTilesN = kWarpN / 8;   // mma n8 tiles per warp
   constexpr int kPacksPerRow = kBK / kPack;
-  constexpr int kCorners = TilePoint<D>::kCorners;
+  constexpr int kCorners = 1 << D;
   static_assert(kWarpsM * kWarpsN == kThreads / 32 && kWarpN % 16 == 0, "tile shape");
-  __shared__ SharedTile<D, BM, BN> smem;
+  static_assert(BM * kPacksPerRow % kThreads == 0 && BM <= kThreads, "gather and stencil roles");
+  using Shared = ForwardShared<D, BM, BN>;
+  extern __shared__ __align__(128) unsigned char forward_shared[];
+  auto& smem = *reinterpret_cast<Shared*>(forward_shared);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -119,126 +237,183 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int in_per_group = static_cast<int>(C / geo.groups);
   const int per_offset_group = static_cast<int>(C / geo.offset_groups);
   const int64_t out_per_group = geo.out_channels / geo.groups;
-  const int64_t R = static_cast<int64_t>(in_per_group) * geo.kernel_points;
+  const int K = static_cast<int>(geo.kernel_points);
+  const int64_t R = static_cast<int64_t>(in_per_group) * K;
   const int64_t tiles_n = (out_per_group + BN - 1) / BN;
-  const int64_t g = blockIdx.y / tiles_n;
+  const int g = static_cast<int>(blockIdx.y / tiles_n);
   const int64_t n0 = (blockIdx.y % tiles_n) * BN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const scalar_t* zeros = reinterpret_cast<const scalar_t*>(zero_pack);
+  const int chunks = in_per_group / kBK;
+  const int steps = K * chunks;
 
+  // Thread tid < BM builds the stencils of tile row tid: its sample, position and origin.
+  const bool row_valid = tid < BM && m0 + tid < M;
   if (tid < BM) {
-    const int64_t m = m0 + tid;
-    smem.out_base[tid] = m < M ? (m / L) * geo.out_channels * L + m % L : -1;
+    int64_t b = 0, l = 0, origin[D] = {};
+    if (row_valid) {
+      divide(m0 + tid, L, b, l);
+      output_origin(geo, l, origin);
+    }
+    smem.out_base[tid] = row_valid ? b * geo.out_channels * L + l : -1;
+    smem.row_sample[tid] = b;
+    smem.row_position[tid] = l;
+    for (int a = 0; a < D; ++a) smem.row_origin[a][tid] = origin[a];
   }
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
-  for (int i = 0; i < kFragM; ++i)
-    for (int j = 0; j < kFragN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  // Steps run over (kernel point k, chunk of kBK channels); a stencil set is one (k, offset
+  // group), which changes with k and where a group's channels span several offset groups.
+  auto offset_group = [&](int s) {
+    return (g * in_per_group + (s % chunks) * kBK) / per_offset_group;
+  };
+  auto next_set = [&](int s) {  // the first step after s with another stencil set
+    int t = s + 1;
+    while (t < steps && t % chunks != 0 && offset_group(t) == offset_group(s)) ++t;
+    return t;
+  };
+  float raw[D + 1] = {};  // offsets and modulation of this row's next stencil set
+  auto load_raw = [&](int s) {
+    if (!row_valid) return;
+    const int64_t l = smem.row_position[tid];
+    const int64_t row = (smem.row_sample[tid] * geo.offset_groups + offset_group(s)) * K + s / chunks;
+    for (int a = 0; a < D; ++a) raw[a] = static_cast<float>(offset[(row * D + a) * L + l]);
+    raw[D] = mask ? static_cast<float>(mask[row * L + l]) : 1.0f;
+  };
+  auto build = [&](int s, int buffer) {
+    // Corner by corner into shared memory: no whole Stencil live next to the accumulators.
+    ForwardPoints<D, BM>& points = smem.points[buffer];
+    int64_t low[D] = {};
+    float frac[D] = {};
+    bool in_range = false;
+    if (row_valid) {
+      int64_t displacement[D];
+      kernel_displacement(geo, s / chunks, displacement);
+      float pos[D];
+      for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(smem.row_origin[a][tid] + displacement[a]) + raw[a];
+      in_range = stencil_cell(pos, geo.in_size, low, frac);
+    }
+    const float modulation = row_valid ? raw[D] : 0.0f;
+    const int64_t sample_base = smem.row_sample[tid] * geo.in_plane;
+    for (int corner = 0; corner < kCorners; ++corner) {
+      int64_t index;
+      float weight;
+      const bool inside = stencil_corner(low, frac, geo.in_size, in_range, corner, index, weight);
+      points.index[corner][tid] = inside ? (sample_base + index) * C : -1;
+      // Outside corners read zeros; their weight is only the modulation, so that a non-finite
+      // mask still gives what the other paths give (modulation * 0).
+      points.weight[corner][tid] = modulation * (inside ? weight : 1.0f);
+    }
+  };
 
-  const T* a_tile = reinterpret_cast<const T*>(smem.operands.a);
-  const T* b_tile = reinterpret_cast<const T*>(smem.operands.b);
+  int buffer = 0;
+  if (tid < BM) {
+    load_raw(0);
+    build(0, 0);
+  }
+  int pending = next_set(0);  // the step whose stencil set is built next
+  if (tid < BM && pending < steps) load_raw(pending);
+  __syncthreads();
+
+  // ldmatrix lane addresses: A tiles (rows g / g + 8, k 0-7 / 8-15) in the order a0..a3, B tiles
+  // (n 0-7 / 8-15 x k 0-7 / 8-15) as b0, b1 of n-tile j and b0, b1 of n-tile j + 1.
+  const int a_row = warp_m * 32 + lane % 8 + 8 * ((lane / 8) % 2);
+  const int a_col = 8 * (lane / 16);
+  const int b_row = warp_n * kWarpN + lane % 8 + 8 * (lane / 16);
+  const int b_col = 8 * ((lane / 8) % 2);
+  float acc[2][kTilesN][4] = {};
   const scalar_t* weight_block = weight_rows + (g * out_per_group + n0) * R;
-  for (int k = 0; k < geo.kernel_points; ++k) {
-    // The chunk's offset group: its first channel c_abs over per_offset_group, kept up to date
-    // instead of divided (chunks never straddle two offset groups).
-    int og = static_cast<int>(g * in_per_group / per_offset_group);
-    int og_end = (og + 1) * per_offset_group;
-    bool rebuild = true;
-    for (int c0 = 0; c0 < in_per_group; c0 += kBK) {
-      const int64_t c_abs = g * in_per_group + c0;  // first input channel of the chunk
-      if (c_abs >= og_end) {
-        ++og;
-        og_end += per_offset_group;
-        rebuild = true;
-      }
-      __syncthreads();  // the previous chunk's fragments and stencils are consumed
-      if (rebuild) {
-        rebuild = false;
-        if (tid < BM) {
-          TilePoint<D>& point = smem.points[tid];
-          const int64_t m = m0 + tid;
-          Stencil<D, float> stencil;
-          float modulation = 0;
-          if (m < M) {
-            const int64_t b = m / L;
-            modulation = load_sample_point(geo, offset, mask, b, og, k, m % L, stencil);
-            for (int corner = 0; corner < kCorners; ++corner) {
-              stencil.index[corner] = (b * geo.in_plane + stencil.index[corner]) * C;
-            }
-          } else {
-            for (int corner = 0; corner < kCorners; ++corner) stencil.inside[corner] = false;
-          }
-          for (int corner = 0; corner < kCorners; ++corner) {
-            point.index[corner] = stencil.inside[corner] ? stencil.index[corner] : -1;
-            // Outside corners read zeros; their weight is only the modulation, so that a
-            // non-finite mask still gives what the other paths give (modulation * 0).
-            point.weight[corner] = modulation * (stencil.inside[corner] ? stencil.weight[corner] : 1.0f);
-          }
-        }
-        __syncthreads();
-      }
-      // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
-      // while this thread gathers (a plain load would hold the store until the data arrives).
-      for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
-        const int col = p / kPacksPerRow;
-        const int pack = p % kPacksPerRow;
-        const bool valid = n0 + col < out_per_group;
-        const scalar_t* source =
-            valid ? weight_block + col * R + static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack : weight_rows;
-        copy_async_16(smem.operands.b + col * kLd + pack * kPack, source, valid ? 16 : 0);
-      }
-      // Gather: BM rows x kBK/kPack packs.
-      for (int p = tid; p < BM * kPacksPerRow; p += kThreads) {
+  for (int s = 0; s < steps; ++s) {
+    const int k = s / chunks;
+    const int c0 = (s % chunks) * kBK;
+    uint16_t* a_tile = smem.operands.a[s & 1];
+    uint16_t* b_tile = smem.operands.b[s & 1];
+    // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
+    // while this thread gathers.
+    for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
+      const int col = p / kPacksPerRow;
+      const int pack = p % kPacksPerRow;
+      const bool valid = n0 + col < out_per_group;
+      const scalar_t* source =
+          valid ? weight_block + col * R + static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack : weight_rows;
+      copy_async_16(b_tile + col * kLd + pack * kPack, source, valid ? 16 : 0);
+    }
+    // Gather: BM rows x kBK / kPack packs.
+    {
+      const ForwardPoints<D, BM>& points = smem.points[buffer];
+      const scalar_t* channels = input + static_cast<int64_t>(g) * in_per_group + c0;
+#pragma unroll
+      for (int i = 0; i < BM * kPacksPerRow / kThreads; ++i) {
+        const int p = tid + i * kThreads;
         const int row = p / kPacksPerRow;
         const int pack = p % kPacksPerRow;
-        const TilePoint<D>& point = smem.points[row];
-        const scalar_t* channels = input + c_abs + pack * kPack;
         Pack<scalar_t, kPack> corners[kCorners];
         for (int corner = 0; corner < kCorners; ++corner) {
-          const int64_t index = point.index[corner];
-          corners[corner] = *reinterpret_cast<const Pack<scalar_t, kPack>*>(index >= 0 ? channels + index : zeros);
+          const int64_t index = points.index[corner][row];
+          corners[corner] = load_pack(index >= 0 ? channels + index + pack * kPack : zeros);
         }
         float values[kPack] = {};
         for (int corner = 0; corner < kCorners; ++corner) {
-          const float weight = point.weight[corner];
+          const float weight = points.weight[corner][row];
           for (int v = 0; v < kPack; ++v) values[v] += weight * static_cast<float>(corners[corner].v[v]);
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(values[v]);
-        *reinterpret_cast<Pack<scalar_t, kPack>*>(smem.operands.a + row * kLd + pack * kPack) = out;
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + row * kLd + pack * kPack) = out;
       }
-      copy_async_wait_all();
-      __syncthreads();
-      for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[kFragM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[kFragN];
-        for (int f = 0; f < kFragM; ++f) wmma::load_matrix_sync(a[f], a_tile + (warp_m * 32 + f * 16) * kLd + kk, kLd);
-        for (int f = 0; f < kFragN; ++f) wmma::load_matrix_sync(b[f], b_tile + (warp_n * kWarpN + f * 16) * kLd + kk, kLd);
-        for (int fm = 0; fm < kFragM; ++fm)
-          for (int fn = 0; fn < kFragN; ++fn) wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
+    }
+    // The next stencil set into the other buffer (its last readers finished before the
+    // previous barrier), and the set after it prefetched.
+    const bool switching = s + 1 == pending;
+    if (switching) {
+      if (tid < BM) build(pending, buffer ^ 1);
+      pending = next_set(pending);
+      if (tid < BM && pending < steps) load_raw(pending);
+    }
+    copy_async_wait_all();
+    __syncthreads();
+    if (switching) buffer ^= 1;
+    for (int kk = 0; kk < kBK; kk += 16) {
+      unsigned a[2][4];
+      for (int f = 0; f < 2; ++f) load_matrix_x4(a[f], a_tile + (a_row + f * 16) * kLd + kk + a_col, false);
+      for (int j = 0; j < kTilesN; j += 2) {
+        unsigned b[4];
+        load_matrix_x4(b, b_tile + (b_row + j * 8) * kLd + kk + b_col, false);
+        for (int f = 0; f < 2; ++f) {
+          mma_16816<scalar_t>(acc[f][j], a[f], b[0], b[1]);
+          mma_16816<scalar_t>(acc[f][j + 1], a[f], b[2], b[3]);
+        }
       }
     }
   }
 
-  __syncthreads();  // the operand tiles become the epilogue scratch
-  float* scratch = smem.scratch[warp];
-  for (int i = 0; i < kFragM; ++i) {
-    for (int j = 0; j < kFragN; ++j) {
-      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_col_major);
-      __syncwarp();
-      // Lanes 0-15 and 16-31 each write 16 consecutive positions of one output channel.
-      for (int e = lane; e < 256; e += 32) {
-        const int tile_row = warp_m * 32 + i * 16 + e % 16;
-        const int64_t col = n0 + warp_n * kWarpN + j * 16 + e / 16;
-        const int64_t base = smem.out_base[tile_row];
-        if (base >= 0 && col < out_per_group) {
-          const int64_t channel = g * out_per_group + col;
-          float value = scratch[e];
-          if (bias) value += static_cast<float>(bias[channel]);
-          output[base + channel * L] = static_cast<scalar_t>(value);
+  // Epilogue: bias in fp32, then (output channel, position) through shared memory so that the
+  // writes run along positions.
+  __syncthreads();  // the operand tiles become the scratch
+  constexpr int kScratchLd = Shared::kScratchLd;
+  scalar_t* scratch = reinterpret_cast<scalar_t*>(smem.scratch);
+  const int group = lane / 4;
+  const int pair = (lane % 4) * 2;
+  for (int j = 0; j < kTilesN; ++j) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = warp_n * kWarpN + j * 8 + pair + e;
+      const int64_t channel = n0 + col;
+      const float shift = bias && channel < out_per_group ? static_cast<float>(bias[g * out_per_group + channel]) : 0.0f;
+      for (int f = 0; f < 2; ++f) {
+        for (int half = 0; half < 2; ++half) {
+          const int row = warp_m * 32 + f * 16 + group + half * 8;
+          scratch[col * kScratchLd + row] = static_cast<scalar_t>(acc[f][j][2 * half + e] + shift);
         }
       }
-      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < BN * BM; e += kThreads) {
+    const int col = e / BM;
+    const int row = e % BM;
+    const int64_t base = smem.out_base[row];
+    const int64_t channel = n0 + col;
+    if (base >= 0 && channel < out_per_group) {
+      output[base + (g * out_per_group + channel) * L] = scratch[col * kScratchLd + row];
     }
   }
 #endif
@@ -277,18 +452,22 @@ void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* 
   const int64_t out_per_group = geo.out_channels / geo.groups;
   const auto stream = at::cuda::getCurrentCUDAStream();
   // One tile of output channels where possible: the gather is repeated for every tile.
-  auto launch = [&](auto kernel, int block_m, int block_n) {
-    const int64_t m_tiles = (geo.batch * geo.out_plane + block_m - 1) / block_m;
-    const dim3 grid(static_cast<unsigned>(m_tiles),
-                    static_cast<unsigned>(geo.groups * ((out_per_group + block_n - 1) / block_n)));
-    kernel<<<grid, kThreads, 0, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
+  auto run = [&](auto block_m, auto block_n) {
+    constexpr int BM = decltype(block_m)::value;
+    constexpr int BN = decltype(block_n)::value;
+    constexpr auto kernel = forward_kernel<D, BM, BN, scalar_t>;
+    constexpr int bytes = sizeof(ForwardShared<D, BM, BN>);
+    opt_in_shared_memory<kernel>(bytes);
+    const int64_t m_tiles = (geo.batch * geo.out_plane + BM - 1) / BM;
+    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + BN - 1) / BN)));
+    kernel<<<grid, kThreads, bytes, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
   };
   if (out_per_group > 128) {
-    launch(forward_kernel<D, 64, 256, scalar_t>, 64, 256);
+    run(std::integral_constant<int, 64>(), std::integral_constant<int, 256>());
   } else if (out_per_group > 64) {
-    launch(forward_kernel<D, 128, 128, scalar_t>, 128, 128);
+    run(std::integral_constant<int, 128>(), std::integral_constant<int, 128>());
   } else {
-    launch(forward_kernel<D, 128, 64, scalar_t>, 128, 64);
+    run(std::integral_constant<int, 128>(), std::integral_constant<int, 64>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -33,8 +33,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
-#include <atomic>
-
 #include "atomics.cuh"
 #include "implicit_gemm.cuh"
 
@@ -44,7 +42,7 @@ namespace implicit_gemm {
 constexpr int kBackwardBM = 128;  // positions per tile: 8 warps x 16 rows
 // fp32 elements of one chunk's grad_input buffer: the batch is split into chunks of samples so
 // that the buffer stays below this.
-constexpr int64_t kGradInputBudget = int64_t(1) << 23;
+constexpr int64_t kGradInputBudget = int64_t(1) << 21;
 
 // The tile's sample points (this kernel point, the chunk's offset group), one column per
 // position: structure of arrays, so that a warp's reads of eight positions and the writes of
@@ -73,58 +71,6 @@ struct alignas(128) BackwardShared {
   __align__(32) float grad_columns[kBackwardBM * kLdGrad];  // (position, channel)
   TilePoints<D> points;
 };
-
-// Tensor-core primitives of the two products: ldmatrix loads of 8x8 b16 tiles from shared memory
-// (rows of 16 bytes at the lane addresses; .trans delivers the transpose) and mma.sync
-// m16n8k16 with fp32 accumulation. Fragment layouts are those of the PTX ISA: with g = lane / 4
-// and t = lane % 4, A regs hold (row g, cols 2t..2t+1), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8);
-// B regs (rows 2t..2t+1, col g), (2t + 8, g); C (g, 2t..2t+1), (g + 8, 2t..2t+1).
-__device__ __forceinline__ void load_matrix_x4(unsigned (&regs)[4], const void* row, bool transpose) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  if (transpose) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-                 : "r"(address)
-                 : "memory");
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-                 : "r"(address)
-                 : "memory");
-  }
-#endif
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void mma_16816(float (&acc)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#endif
-}
-
-// A 16-byte pack of the input through the read-only data path (the input is never written
-// while the kernel runs), which also lets the compiler move the loads past the atomics.
-template <typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* source) {
-  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(source));
-  Pack<scalar_t, kPack> pack;
-  static_assert(sizeof(pack) == sizeof(bits), "16-byte packs");
-  memcpy(&pack, &bits, sizeof(bits));
-  return pack;
-}
 
 // Pointers of one launch (a chunk of n samples starting at b0). Null: not wanted.
 template <typename scalar_t>
@@ -238,8 +184,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int q = p % (BM / 8);
         const int64_t m = m0 + q * 8;
         const bool valid = co < out_per_group && m < M;
+        int64_t b_local = 0, l = 0;
+        if (valid) divide(m, L, b_local, l);
         const scalar_t* source =
-            valid ? args.grad_output + ((args.b0 + m / L) * C_out + static_cast<int64_t>(g) * out_per_group + co) * L + m % L
+            valid ? args.grad_output + ((args.b0 + b_local) * C_out + static_cast<int64_t>(g) * out_per_group + co) * L + l
                   : args.grad_output;
         copy_async_16(smem.grad_out + co * kLdOut + q * 8, source, valid ? 16 : 0);
       }
@@ -249,8 +197,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       scalar_t* target = reinterpret_cast<scalar_t*>(smem.grad_out);
       const int r = tid % BM;
       const int64_t m = m0 + r;
-      const int64_t base =
-          m < M ? ((args.b0 + m / L) * C_out + static_cast<int64_t>(g) * out_per_group) * L + m % L : -1;
+      int64_t b_local = 0, l = 0;
+      if (m < M) divide(m, L, b_local, l);
+      const int64_t base = m < M ? ((args.b0 + b_local) * C_out + static_cast<int64_t>(g) * out_per_group) * L + l : -1;
       for (int co = tid / BM; co < BN; co += kThreads / BM) {
         target[co * kLdOut + r] = base >= 0 && co < out_per_group ? args.grad_output[base + co * L] : scalar_t(0);
       }
@@ -262,10 +211,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       Stencil<D, float> stencil;
       float modulation = 0;
       if (m < M) {
-        const int64_t b_local = m / L;
-        const int64_t l = m % L;
-        modulation = load_sample_point(geo, args.offset, args.mask, args.b0 + b_local, og, k, l, stencil);
+        int64_t b_local, l, origin[D], displacement[D];
+        divide(m, L, b_local, l);
+        output_origin(geo, l, origin);
+        kernel_displacement(geo, k, displacement);
         const int64_t row = point_row(geo, args.b0 + b_local, og, k);
+        float raw[D];
+        for (int a = 0; a < D; ++a) raw[a] = static_cast<float>(args.offset[(row * D + a) * L + l]);
+        stencil_at(geo, origin, displacement, raw, stencil);
+        modulation = args.mask ? static_cast<float>(args.mask[row * L + l]) : 1.0f;
         points.mask_index[tid] = row * L + l;
         points.offset_index[tid] = row * D * L + l;
         for (int corner = 0; corner < kCorners; ++corner) {
@@ -431,23 +385,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// Opts the kernel into its shared memory (above the 48 KiB default) on the current device, once
-// per device, and returns how many blocks fit on one of its SMs.
 template <int D, int BN, int CH, typename scalar_t>
 int backward_blocks_per_sm() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> blocks_per_device[kMaxDevices] = {};
-  const int device = at::cuda::current_device();
-  const bool cached = device < kMaxDevices;
-  if (cached && blocks_per_device[device].load() > 0) return blocks_per_device[device].load();
-  const auto kernel = backward_kernel<D, BN, CH, scalar_t>;
-  const int bytes = static_cast<int>(sizeof(BackwardShared<D, BN, CH>));
-  AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int count = 0;
-  AT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, bytes));
-  count = std::max(count, 1);
-  if (cached) blocks_per_device[device].store(count);
-  return count;
+  return opt_in_shared_memory<backward_kernel<D, BN, CH, scalar_t>>(static_cast<int>(sizeof(BackwardShared<D, BN, CH>)));
 }
 
 // Splits of the positions for blocks_x blocks per split: fills whole waves where possible.
