@@ -112,10 +112,34 @@ __device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* sourc
   return pack;
 }
 
-// 16 zero bytes: the source of the gather for interpolation corners outside the input, so that
-// the inner loop needs no per-element select (and a non-finite input element can never leak
-// into a point that does not touch it).
-__device__ __align__(16) unsigned char zero_pack[16];
+// Zeros: the source of the gather for interpolation corners outside the input, so that the
+// inner loop needs no per-element select (and a non-finite input element can never leak into a
+// point that does not touch it). The forward reads it at the channel offsets of a conv group,
+// so it covers kMaxZeroChannels 16-bit channels (applies() checks C_in/G against it).
+constexpr int kMaxZeroChannels = 2048;
+__device__ __align__(16) unsigned char zero_pack[2 * kMaxZeroChannels];
+
+// values[v] += weight * channel v of a 16-byte pack of 8 half or bfloat16 values, in fp32
+// (a bfloat16 is the top half of its float: one shift or mask per element).
+template <typename scalar_t>
+__device__ __forceinline__ void accumulate_pack(float (&values)[kPack], float weight, const uint4& bits) {
+  const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
+  for (int w = 0; w < 4; ++w) {
+    float low, high;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      low = __uint_as_float(words[w] << 16);
+      high = __uint_as_float(words[w] & 0xffff0000u);
+    } else {
+      __half2 pair;
+      memcpy(&pair, &words[w], sizeof(pair));
+      const float2 f = __half22float2(pair);
+      low = f.x;
+      high = f.y;
+    }
+    values[2 * w] += weight * low;
+    values[2 * w + 1] += weight * high;
+  }
+}
 
 // q / d and q % d, in 32 bits where q and d fit (64-bit division is a ~70-instruction routine).
 __device__ __forceinline__ void divide(int64_t q, int64_t d, int64_t& quotient, int64_t& remainder) {
@@ -181,13 +205,13 @@ int opt_in_shared_memory(int bytes) {
 
 // One buffer of the tile's stencils (one kernel point, one offset group), structure of arrays:
 // a warp's reads of eight consecutive rows hit consecutive banks.
-template <int D, int BM>
+template <int D, int BM, typename scalar_t>
 struct ForwardPoints {
-  int64_t index[1 << D][BM];  // element offset of the corner's channel 0 incl. the sample's base, -1 outside
-  float weight[1 << D][BM];   // N-linear weight times the modulation
+  const scalar_t* source[1 << D][BM];  // the corner's first channel of the block's group, or the zero page
+  float weight[1 << D][BM];            // N-linear weight times the modulation
 };
 
-template <int D, int BM, int BN>
+template <int D, int BM, int BN, typename scalar_t>
 struct alignas(128) ForwardShared {
   static constexpr int kScratchLd = BM + 8;
   union {
@@ -197,7 +221,7 @@ struct alignas(128) ForwardShared {
     } operands;
     __align__(16) uint16_t scratch[BN * kScratchLd];  // epilogue: (output channel, position)
   };
-  ForwardPoints<D, BM> points[2];
+  ForwardPoints<D, BM, scalar_t> points[2];
   int64_t out_base[BM];  // b * C_out * L + l of each tile row, -1 past the end
   // Written and read only by the thread that builds the row's stencils (kept here, not in
   // registers, which the accumulators need).
@@ -222,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kCorners = 1 << D;
   static_assert(kWarpsM * kWarpsN == kThreads / 32 && kWarpN % 16 == 0, "tile shape");
   static_assert(BM * kPacksPerRow % kThreads == 0 && BM <= kThreads, "gather and stencil roles");
-  using Shared = ForwardShared<D, BM, BN>;
+  using Shared = ForwardShared<D, BM, BN, scalar_t>;
   extern __shared__ __align__(128) unsigned char forward_shared[];
   auto& smem = *reinterpret_cast<Shared*>(forward_shared);
 
@@ -262,34 +286,57 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // Steps run over (kernel point k, chunk of kBK channels); a stencil set is one (k, offset
-  // group), which changes with k and where a group's channels span several offset groups.
-  auto offset_group = [&](int s) {
-    return (g * in_per_group + (s % chunks) * kBK) / per_offset_group;
+  // group), which changes with k and where a group's channels span several offset groups. The
+  // cursor walks the sets' first steps without divisions.
+  const int og_first = g * in_per_group / per_offset_group;
+  struct Cursor {
+    int step, k, c0, og, og_end;  // og_end: first channel past offset group og
+    int coord[D];                 // k's coordinates
   };
-  auto next_set = [&](int s) {  // the first step after s with another stencil set
-    int t = s + 1;
-    while (t < steps && t % chunks != 0 && offset_group(t) == offset_group(s)) ++t;
-    return t;
+  Cursor next{0, 0, 0, og_first, (og_first + 1) * per_offset_group, {}};
+  auto advance = [&](Cursor& c) {  // to the first step of the next set
+    for (;;) {
+      ++c.step;
+      c.c0 += kBK;
+      if (c.c0 == in_per_group) {
+        c.c0 = 0;
+        ++c.k;
+        c.og = og_first;
+        c.og_end = (og_first + 1) * per_offset_group;
+        for (int a = D - 1; a >= 0; --a) {
+          if (++c.coord[a] < static_cast<int>(geo.kernel[a])) break;
+          c.coord[a] = 0;
+        }
+        return;
+      }
+      if (g * in_per_group + c.c0 == c.og_end) {
+        ++c.og;
+        c.og_end += per_offset_group;
+        return;
+      }
+    }
   };
-  float raw[D + 1] = {};  // offsets and modulation of this row's next stencil set
-  auto load_raw = [&](int s) {
-    if (!row_valid) return;
+  float raw[D + 1] = {};  // offsets and modulation of this row at the next set to build
+  auto load_raw = [&](const Cursor& c) {
+    if (!row_valid || c.step >= steps) return;
     const int64_t l = smem.row_position[tid];
-    const int64_t row = (smem.row_sample[tid] * geo.offset_groups + offset_group(s)) * K + s / chunks;
+    const int64_t row = (smem.row_sample[tid] * geo.offset_groups + c.og) * K + c.k;
     for (int a = 0; a < D; ++a) raw[a] = static_cast<float>(offset[(row * D + a) * L + l]);
     raw[D] = mask ? static_cast<float>(mask[row * L + l]) : 1.0f;
   };
-  auto build = [&](int s, int buffer) {
-    // Corner by corner into shared memory: no whole Stencil live next to the accumulators.
-    ForwardPoints<D, BM>& points = smem.points[buffer];
+  // Corner by corner into shared memory (no whole Stencil live next to the accumulators): the
+  // address of the corner's first channel of group g, or the zero page outside.
+  const scalar_t* group_input = input + static_cast<int64_t>(g) * in_per_group;
+  auto build = [&](const Cursor& c, int buffer) {
+    ForwardPoints<D, BM, scalar_t>& points = smem.points[buffer];
     int64_t low[D] = {};
     float frac[D] = {};
     bool in_range = false;
     if (row_valid) {
-      int64_t displacement[D];
-      kernel_displacement(geo, s / chunks, displacement);
       float pos[D];
-      for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(smem.row_origin[a][tid] + displacement[a]) + raw[a];
+      for (int a = 0; a < D; ++a) {
+        pos[a] = static_cast<float>(smem.row_origin[a][tid] + c.coord[a] * geo.dilation[a]) + raw[a];
+      }
       in_range = stencil_cell(pos, geo.in_size, low, frac);
     }
     const float modulation = row_valid ? raw[D] : 0.0f;
@@ -298,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       int64_t index;
       float weight;
       const bool inside = stencil_corner(low, frac, geo.in_size, in_range, corner, index, weight);
-      points.index[corner][tid] = inside ? (sample_base + index) * C : -1;
+      points.source[corner][tid] = inside ? group_input + (sample_base + index) * C : zeros;
       // Outside corners read zeros; their weight is only the modulation, so that a non-finite
       // mask still gives what the other paths give (modulation * 0).
       points.weight[corner][tid] = modulation * (inside ? weight : 1.0f);
@@ -307,13 +354,28 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   int buffer = 0;
   if (tid < BM) {
-    load_raw(0);
-    build(0, 0);
+    load_raw(next);
+    build(next, 0);
   }
-  int pending = next_set(0);  // the step whose stencil set is built next
-  if (tid < BM && pending < steps) load_raw(pending);
+  advance(next);  // the set built next
+  if (tid < BM) load_raw(next);
   __syncthreads();
 
+  // Weight slice copies: this thread's sources (at k = 0, c0 = 0) and targets.
+  constexpr int kWeightCopies = (BN * kPacksPerRow + kThreads - 1) / kThreads;
+  const scalar_t* weight_source[kWeightCopies];
+  int weight_target[kWeightCopies];
+  int weight_bytes[kWeightCopies];
+  for (int i = 0; i < kWeightCopies; ++i) {
+    const int p = tid + i * kThreads;
+    const int col = p / kPacksPerRow;
+    const int pack = p % kPacksPerRow;
+    const bool valid = p < BN * kPacksPerRow && n0 + col < out_per_group;
+    // An invalid copy reads nothing (0 bytes) from a valid address: the first weight row.
+    weight_source[i] = valid ? weight_rows + (g * out_per_group + n0 + col) * R + pack * kPack : weight_rows;
+    weight_target[i] = p < BN * kPacksPerRow ? col * kLd + pack * kPack : -1;
+    weight_bytes[i] = valid ? 16 : 0;
+  }
   // ldmatrix lane addresses: A tiles (rows g / g + 8, k 0-7 / 8-15) in the order a0..a3, B tiles
   // (n 0-7 / 8-15 x k 0-7 / 8-15) as b0, b1 of n-tile j and b0, b1 of n-tile j + 1.
   const int a_row = warp_m * 32 + lane % 8 + 8 * ((lane / 8) % 2);
@@ -321,53 +383,46 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int b_row = warp_n * kWarpN + lane % 8 + 8 * (lane / 16);
   const int b_col = 8 * ((lane / 8) % 2);
   float acc[2][kTilesN][4] = {};
-  const scalar_t* weight_block = weight_rows + (g * out_per_group + n0) * R;
+  int k = 0, c0 = 0;
   for (int s = 0; s < steps; ++s) {
-    const int k = s / chunks;
-    const int c0 = (s % chunks) * kBK;
     uint16_t* a_tile = smem.operands.a[s & 1];
     uint16_t* b_tile = smem.operands.b[s & 1];
     // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
     // while this thread gathers.
-    for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
-      const int col = p / kPacksPerRow;
-      const int pack = p % kPacksPerRow;
-      const bool valid = n0 + col < out_per_group;
-      const scalar_t* source =
-          valid ? weight_block + col * R + static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack : weight_rows;
-      copy_async_16(b_tile + col * kLd + pack * kPack, source, valid ? 16 : 0);
+    const int64_t weight_step = static_cast<int64_t>(k) * in_per_group + c0;
+    for (int i = 0; i < kWeightCopies; ++i) {
+      if (weight_target[i] >= 0) {
+        copy_async_16(b_tile + weight_target[i], weight_source[i] + weight_step, weight_bytes[i]);
+      }
     }
     // Gather: BM rows x kBK / kPack packs.
     {
-      const ForwardPoints<D, BM>& points = smem.points[buffer];
-      const scalar_t* channels = input + static_cast<int64_t>(g) * in_per_group + c0;
+      const ForwardPoints<D, BM, scalar_t>& points = smem.points[buffer];
 #pragma unroll
       for (int i = 0; i < BM * kPacksPerRow / kThreads; ++i) {
         const int p = tid + i * kThreads;
         const int row = p / kPacksPerRow;
-        const int pack = p % kPacksPerRow;
-        Pack<scalar_t, kPack> corners[kCorners];
+        const int channel = c0 + (p % kPacksPerRow) * kPack;
+        uint4 corners[kCorners];
         for (int corner = 0; corner < kCorners; ++corner) {
-          const int64_t index = points.index[corner][row];
-          corners[corner] = load_pack(index >= 0 ? channels + index + pack * kPack : zeros);
+          corners[corner] = __ldg(reinterpret_cast<const uint4*>(points.source[corner][row] + channel));
         }
         float values[kPack] = {};
         for (int corner = 0; corner < kCorners; ++corner) {
-          const float weight = points.weight[corner][row];
-          for (int v = 0; v < kPack; ++v) values[v] += weight * static_cast<float>(corners[corner].v[v]);
+          accumulate_pack<scalar_t>(values, points.weight[corner][row], corners[corner]);
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(values[v]);
-        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + row * kLd + pack * kPack) = out;
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + row * kLd + (p % kPacksPerRow) * kPack) = out;
       }
     }
     // The next stencil set into the other buffer (its last readers finished before the
     // previous barrier), and the set after it prefetched.
-    const bool switching = s + 1 == pending;
+    const bool switching = s + 1 == next.step;
     if (switching) {
-      if (tid < BM) build(pending, buffer ^ 1);
-      pending = next_set(pending);
-      if (tid < BM && pending < steps) load_raw(pending);
+      if (tid < BM) build(next, buffer ^ 1);
+      advance(next);
+      if (tid < BM) load_raw(next);
     }
     copy_async_wait_all();
     __syncthreads();
@@ -383,6 +438,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma_16816<scalar_t>(acc[f][j + 1], a[f], b[2], b[3]);
         }
       }
+    }
+    c0 += kBK;
+    if (c0 == in_per_group) {
+      c0 = 0;
+      ++k;
     }
   }
 
@@ -439,7 +499,7 @@ bool applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, 
   // (1.2-2.4x), ~2x slower for 256 and 512.
   const bool wide = in_per_group > kMaxFusedChannels || geo.out_channels / geo.groups > kMaxFusedChannels;
   if (wide && path != "fused") return false;
-  return in_per_group % kBK == 0 && geo.channels_per_offset_group() % kBK == 0 &&
+  return in_per_group % kBK == 0 && geo.channels_per_offset_group() % kBK == 0 && in_per_group <= kMaxZeroChannels &&
          reinterpret_cast<uintptr_t>(input_channels_last.const_data_ptr()) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 == 0 &&
          (geo.batch * geo.out_plane + 63) / 64 < (int64_t(1) << 31) &&
@@ -456,7 +516,7 @@ void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* 
     constexpr int BM = decltype(block_m)::value;
     constexpr int BN = decltype(block_n)::value;
     constexpr auto kernel = forward_kernel<D, BM, BN, scalar_t>;
-    constexpr int bytes = sizeof(ForwardShared<D, BM, BN>);
+    constexpr int bytes = sizeof(ForwardShared<D, BM, BN, scalar_t>);
     opt_in_shared_memory<kernel>(bytes);
     const int64_t m_tiles = (geo.batch * geo.out_plane + BM - 1) / BM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + BN - 1) / BN)));
