@@ -232,8 +232,8 @@ struct alignas(128) ForwardShared {
 
 // Tiles: BM output positions x BN output channels; 8 warps as (BM / 32) x (8 / (BM / 32)), each
 // warp 32 rows x BN / (8 / (BM / 32)) columns.
-template <int D, int BM, int BN, int kMinBlocks, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+template <int D, int BM, int BN, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
                    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ weight_rows,
                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ output) {
@@ -512,39 +512,24 @@ void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* 
   const int64_t out_per_group = geo.out_channels / geo.groups;
   const auto stream = at::cuda::getCurrentCUDAStream();
   // One tile of output channels where possible: the gather is repeated for every tile.
-  auto run = [&](auto block_m, auto block_n, auto min_blocks) {
+  auto run = [&](auto block_m, auto block_n) {
     constexpr int BM = decltype(block_m)::value;
     constexpr int BN = decltype(block_n)::value;
-    constexpr auto kernel = forward_kernel<D, BM, BN, decltype(min_blocks)::value, scalar_t>;
+    constexpr auto kernel = forward_kernel<D, BM, BN, scalar_t>;
     constexpr int bytes = sizeof(ForwardShared<D, BM, BN, scalar_t>);
     opt_in_shared_memory<kernel>(bytes);
     const int64_t m_tiles = (geo.batch * geo.out_plane + BM - 1) / BM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + BN - 1) / BN)));
     kernel<<<grid, kThreads, bytes, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
   };
-  // TEMPORARY (measurement): DCNLAB_FWD_TILE picks a tile variant.
-  const char* variant_env = std::getenv("DCNLAB_FWD_TILE");
-  const int variant = variant_env ? std::atoi(variant_env) : 0;
+  // Two blocks per SM (128 registers per thread). Measured on H200 (docs/perf-notes.md, v12):
+  // 64-row tiles or three blocks per SM (80 registers) are 10-40% slower on every benchmark shape.
   if (out_per_group > 128) {
-    run(std::integral_constant<int, 64>(), std::integral_constant<int, 256>(), std::integral_constant<int, 2>());
+    run(std::integral_constant<int, 64>(), std::integral_constant<int, 256>());
   } else if (out_per_group > 64) {
-    if (variant == 1) {
-      run(std::integral_constant<int, 64>(), std::integral_constant<int, 128>(), std::integral_constant<int, 2>());
-    } else if (variant == 2) {
-      run(std::integral_constant<int, 64>(), std::integral_constant<int, 128>(), std::integral_constant<int, 3>());
-    } else {
-      run(std::integral_constant<int, 128>(), std::integral_constant<int, 128>(), std::integral_constant<int, 2>());
-    }
+    run(std::integral_constant<int, 128>(), std::integral_constant<int, 128>());
   } else {
-    if (variant == 1) {
-      run(std::integral_constant<int, 128>(), std::integral_constant<int, 64>(), std::integral_constant<int, 3>());
-    } else if (variant == 2) {
-      run(std::integral_constant<int, 64>(), std::integral_constant<int, 64>(), std::integral_constant<int, 3>());
-    } else if (variant == 3) {
-      run(std::integral_constant<int, 64>(), std::integral_constant<int, 64>(), std::integral_constant<int, 4>());
-    } else {
-      run(std::integral_constant<int, 128>(), std::integral_constant<int, 64>(), std::integral_constant<int, 2>());
-    }
+    run(std::integral_constant<int, 128>(), std::integral_constant<int, 64>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

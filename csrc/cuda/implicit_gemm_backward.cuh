@@ -390,19 +390,22 @@ int backward_blocks_per_sm() {
   return opt_in_shared_memory<backward_kernel<D, BN, CH, scalar_t>>(static_cast<int>(sizeof(BackwardShared<D, BN, CH>)));
 }
 
-// Splits of the positions for blocks_x blocks per split: fills whole waves where possible.
-inline int64_t choose_splits(int64_t blocks_x, int64_t wave) {
-  int64_t best = std::max<int64_t>(1, 2 * wave / blocks_x);
-  double best_fill = 0;
-  for (int64_t waves = 2; waves <= 16; ++waves) {
-    const int64_t splits = std::max<int64_t>(1, waves * wave / blocks_x);
-    const int64_t blocks = splits * blocks_x;
-    const double fill = double(blocks) / double((blocks + wave - 1) / wave * wave);
-    if (fill > best_fill + 1e-9) {
+// Splits of the positions for blocks_x blocks per split, over `tiles` position tiles. Every block
+// of a split runs ceil(tiles / splits) tiles and the blocks run in waves of `wave` resident
+// blocks, so the time goes with waves(splits) * ceil(tiles / splits). More splits are taken only
+// for a product at least 3% smaller: each split has its own slice of the weight-gradient
+// workspace, and a block's fixed costs (weight slice, partial sums) are paid once per split.
+inline int64_t choose_splits(int64_t blocks_x, int64_t wave, int64_t tiles) {
+  const int64_t limit = std::min<int64_t>({tiles, 65535, std::max<int64_t>(1, 16 * wave / blocks_x)});
+  int64_t best = 1;
+  int64_t best_cost = -1;
+  for (int64_t splits = 1; splits <= limit; ++splits) {
+    const int64_t waves = (blocks_x * splits + wave - 1) / wave;
+    const int64_t cost = waves * ((tiles + splits - 1) / splits);
+    if (best_cost < 0 || cost * 100 < best_cost * 97) {
       best = splits;
-      best_fill = fill;
+      best_cost = cost;
     }
-    if (fill >= 0.9) break;
   }
   return best;
 }
@@ -451,13 +454,11 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const at::Tensor grad_input_buffer = need_input ? layout.grad_input_buffer(chunk, geo, options) : at::Tensor();
 
   auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
-    // Splits over positions; each split owns one slice of the weight-gradient workspace. All
-    // blocks do the same work, so the grid is sized to whole waves of resident blocks: the
-    // smallest number of waves (2 to 16) that keeps the last one at least 90% full.
+    // Splits over positions; each split owns one slice of the weight-gradient workspace.
     const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / chunk_channels);
     const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
     const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({tiles, choose_splits(blocks_x, wave), 65535}));
+    const int64_t splits = choose_splits(blocks_x, wave, tiles);
     at::Tensor weight_part;
     if (need_weight) weight_part = at::empty({splits, geo.groups, block_n, R}, options);
     const bool vector_grad_out =
