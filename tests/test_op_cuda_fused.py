@@ -114,9 +114,9 @@ def test_fused_backward_computes_any_subset_of_gradients(wanted):
 
 @pytest.mark.parametrize("in_channels, out_channels, in_size", [(64, 64, (128, 128)), (32, 128, (128, 256))])
 def test_fused_backward_over_several_sample_chunks_matches_im2col(in_channels, out_channels, in_size, monkeypatch):
-    # 9 samples of 1 Mi fp32 grad_input elements each are more than the fused backward's 2 Mi-element
-    # buffer: five launches (2 + 2 + 2 + 2 + 1 samples), the weight gradient accumulating over them
-    # (64 and 128 output channels: both tile widths).
+    # 9 samples of 1 Mi fp32 grad_input elements each are more than the fused backward's 4 Mi-element
+    # buffer: three launches of 3 samples, the weight gradient accumulating over them (64 and 128
+    # output channels: both tile widths).
     case = make_case(
         2, batch=9, in_channels=in_channels, out_channels=out_channels, in_size=in_size, padding=1, offset_scale=2.0
     )
