@@ -29,6 +29,7 @@ FUSED_CONFIGS = [
     dict(in_channels=96, out_channels=72, groups=3, offset_groups=1, padding=1, offset_scale=50.0),
     dict(in_channels=32, out_channels=8, kernel=(1, 2, 3), stride=(2, 1, 1), padding=(0, 1, 1), batch=5),
     dict(in_channels=64, out_channels=64, padding=1),  # the backward's 64-channel chunks
+    dict(in_channels=128, out_channels=100, padding=1),  # 64-channel chunks, 128-column tiles, summed offsets
 ]
 
 
@@ -64,13 +65,14 @@ def fused_forward_backward(case) -> None:
 
 # L = prod(out_size) a multiple of 8 takes the backward's 16-byte grad-output copies. The backward
 # works on chunks of 64 channels where C_in/groups, C_in/offset_groups are multiples of 64 and
-# C_out/groups <= 64, else 32; an offset group of one chunk gets its offset and mask gradients
-# written directly, of several summed over the chunks.
+# C_out/groups <= 64 (<= 128 in 1D), else 32; an offset group of one chunk gets its offset and mask
+# gradients written directly, of several summed over the chunks.
 VECTOR_CONFIGS = [
     dict(in_channels=64, out_channels=48, offset_groups=1, padding=1, in_size=(16, 8, 4)),
     dict(in_channels=64, out_channels=128, offset_groups=2, padding=1, in_size=(16, 8, 4), batch=3),
     dict(in_channels=96, out_channels=16, offset_groups=1, stride=2, padding=1, in_size=(32, 16, 8), mask=False),
     dict(in_channels=64, out_channels=64, groups=2, offset_groups=2, padding=1, in_size=(16, 8, 4), offset_scale=20.0),
+    dict(in_channels=64, out_channels=96, offset_groups=1, padding=1, in_size=(16, 8, 4)),
     dict(in_channels=128, out_channels=48, padding=1, in_size=(16, 8, 4)),  # two 64-channel chunks per offset group
 ]
 

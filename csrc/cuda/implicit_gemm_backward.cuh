@@ -440,11 +440,13 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const auto stream = at::cuda::getCurrentCUDAStream();
   const driver_detail::Layout<D, true> layout(geo);
 
-  // Channels per block: 64 where the group and offset group allow it and the weight-gradient
-  // accumulators fit the registers (C_out/G <= 64), which halves the grad-output tile loads and
-  // lets a 64-channel offset group be one chunk; 32 otherwise.
+  // Channels per block: 64 where the group and offset group allow it, which halves the
+  // grad-output tile loads and lets a 64-channel offset group be one chunk; 32 otherwise. With
+  // 128 output channels the 64-channel kernel spills registers; measured on H200 (docs/perf-notes.md,
+  // v12): 17% faster for 1D (B32 C128 4096 k9), 10% slower in 2D and 3D, so only 1D takes it.
   const int64_t per_offset_group = geo.channels_per_offset_group();
-  const int chunk_channels = out_per_group <= 64 && in_per_group % 64 == 0 && per_offset_group % 64 == 0 ? 64 : kBK;
+  const bool wide_chunks = out_per_group <= 64 || D == 1;
+  const int chunk_channels = wide_chunks && in_per_group % 64 == 0 && per_offset_group % 64 == 0 ? 64 : kBK;
   // Offset and mask gradients: direct when an offset group is one chunk, else summed in fp32.
   const bool direct = per_offset_group == chunk_channels;
   at::Tensor offset_sum, mask_sum;
@@ -494,7 +496,10 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       grad_weight_rows = block_n == out_per_group ? rows : rows.narrow(1, 0, out_per_group).contiguous();
     }
   };
-  if (out_per_group > 64) {
+  if (out_per_group > 64 && chunk_channels == 64) {
+    run(backward_kernel<D, 128, 64, scalar_t>, 128, sizeof(BackwardShared<D, 128, 64>),
+        backward_blocks_per_sm<D, 128, 64, scalar_t>());
+  } else if (out_per_group > 64) {
     run(backward_kernel<D, 128, 32, scalar_t>, 128, sizeof(BackwardShared<D, 128, 32>),
         backward_blocks_per_sm<D, 128, 32, scalar_t>());
   } else if (chunk_channels == 64) {
