@@ -497,8 +497,10 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     }
   };
   if (out_per_group > 64 && chunk_channels == 64) {
-    run(backward_kernel<D, 128, 64, scalar_t>, 128, sizeof(BackwardShared<D, 128, 64>),
-        backward_blocks_per_sm<D, 128, 64, scalar_t>());
+    if constexpr (D == 1) {  // only 1D takes it (chunk_channels above)
+      run(backward_kernel<D, 128, 64, scalar_t>, 128, sizeof(BackwardShared<D, 128, 64>),
+          backward_blocks_per_sm<D, 128, 64, scalar_t>());
+    }
   } else if (out_per_group > 64) {
     run(backward_kernel<D, 128, 32, scalar_t>, 128, sizeof(BackwardShared<D, 128, 32>),
         backward_blocks_per_sm<D, 128, 32, scalar_t>());
