@@ -503,6 +503,8 @@ bool applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, 
          reinterpret_cast<uintptr_t>(input_channels_last.const_data_ptr()) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 == 0 &&
          (geo.batch * geo.out_plane + 63) / 64 < (int64_t(1) << 31) &&
+         geo.groups * ((geo.out_channels / geo.groups + 63) / 64) <= 65535 &&  // grid.y
+         geo.kernel_points * (in_per_group / kBK) < (int64_t(1) << 31) &&    // steps (int)
          geo.in_channels < (int64_t(1) << 30);
 }
 

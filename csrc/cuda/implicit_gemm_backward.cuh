@@ -443,9 +443,12 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   // Channels per block: 64 where the group and offset group allow it, which halves the
   // grad-output tile loads and lets a 64-channel offset group be one chunk; 32 otherwise. With
   // 128 output channels the 64-channel kernel spills registers; measured on H200 (docs/perf-notes.md,
-  // v12): 17% faster for 1D (B32 C128 4096 k9), 10% slower in 2D and 3D, so only 1D takes it.
+  // v12): 17% faster for 1D (B32 C128 4096 k9), 10% slower in 2D and 3D, so only 1D takes it,
+  // where the card lets a block have its 110 KiB of shared memory (not sm_86/sm_89: 99 KiB).
   const int64_t per_offset_group = geo.channels_per_offset_group();
-  const bool wide_chunks = out_per_group <= 64 || D == 1;
+  const bool wide_chunks =
+      out_per_group <= 64 ||
+      (D == 1 && at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >= sizeof(BackwardShared<1, 128, 64>));
   const int chunk_channels = wide_chunks && in_per_group % 64 == 0 && per_offset_group % 64 == 0 ? 64 : kBK;
   // Offset and mask gradients: direct when an offset group is one chunk, else summed in fp32.
   const bool direct = per_offset_group == chunk_channels;
@@ -500,6 +503,8 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     if constexpr (D == 1) {  // only 1D takes it (chunk_channels above)
       run(backward_kernel<D, 128, 64, scalar_t>, 128, sizeof(BackwardShared<D, 128, 64>),
           backward_blocks_per_sm<D, 128, 64, scalar_t>());
+    } else {
+      TORCH_CHECK(false, "dcnlab: internal error: 64-channel chunks with 128 output channels are 1-D only");
     }
   } else if (out_per_group > 64) {
     run(backward_kernel<D, 128, 32, scalar_t>, 128, sizeof(BackwardShared<D, 128, 32>),
