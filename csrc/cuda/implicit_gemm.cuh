@@ -176,13 +176,19 @@ __device__ __forceinline__ void kernel_displacement(const ConvGeometry<D>& geo, 
   }
 }
 
-// The stencil of a sample point from its origin, displacement and raw offsets: the same
-// arithmetic as sample_position() + build_stencil() in sampling.h, without the divisions.
+// A sample point's position from its origin, displacement and raw offsets: the same arithmetic
+// as sample_position() in sampling.h, without the divisions.
+template <int D>
+__device__ __forceinline__ void position_at(const int64_t (&origin)[D], const int64_t (&displacement)[D],
+                                            const float* raw, float (&pos)[D]) {
+  for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(origin[a] + displacement[a]) + raw[a];
+}
+
 template <int D>
 __device__ __forceinline__ void stencil_at(const ConvGeometry<D>& geo, const int64_t (&origin)[D],
                                            const int64_t (&displacement)[D], const float* raw, Stencil<D, float>& s) {
   float pos[D];
-  for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(origin[a] + displacement[a]) + raw[a];
+  position_at(origin, displacement, raw, pos);
   build_stencil(pos, geo.in_size, s);
 }
 
@@ -333,10 +339,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     float frac[D] = {};
     bool in_range = false;
     if (row_valid) {
-      float pos[D];
+      int64_t origin[D], displacement[D];
       for (int a = 0; a < D; ++a) {
-        pos[a] = static_cast<float>(smem.row_origin[a][tid] + c.coord[a] * geo.dilation[a]) + raw[a];
+        origin[a] = smem.row_origin[a][tid];
+        displacement[a] = c.coord[a] * geo.dilation[a];
       }
+      float pos[D];
+      position_at(origin, displacement, raw, pos);
       in_range = stencil_cell(pos, geo.in_size, low, frac);
     }
     const float modulation = row_valid ? raw[D] : 0.0f;
