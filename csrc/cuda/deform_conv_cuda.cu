@@ -15,7 +15,6 @@
 
 #include "../deform_conv_driver.h"
 #include "atomics.cuh"
-#include "corner_gemm.cuh"
 #include "implicit_gemm.cuh"
 #include "implicit_gemm_backward.cuh"
 
@@ -267,14 +266,11 @@ struct CudaSampler {
       const auto w = weight_rows.contiguous();
       if (!implicit_gemm::applies(geo, input, w)) return false;
       const auto b = bias ? std::optional<at::Tensor>(bias->to(input.scalar_type()).contiguous()) : std::nullopt;
-      // 1-D and 2-D take the corner form (corner_gemm.cuh) where it applies, 3-D the blend kernel.
-      auto fused = implicit_gemm::forward<D, scalar_t>;
-      if constexpr (D <= 2) {
-        if (implicit_gemm::corner_applies(geo)) fused = implicit_gemm::corner_forward<D, scalar_t>;
-      }
-      fused(geo, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
-            mask ? mask->const_data_ptr<scalar_t>() : nullptr, w.const_data_ptr<scalar_t>(),
-            b ? b->const_data_ptr<scalar_t>() : nullptr, output.mutable_data_ptr<scalar_t>());
+      implicit_gemm::forward<D, scalar_t>(geo, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+                                          mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                          w.const_data_ptr<scalar_t>(),
+                                          b ? b->const_data_ptr<scalar_t>() : nullptr,
+                                          output.mutable_data_ptr<scalar_t>());
       return true;
     } else {
       return false;
