@@ -15,7 +15,9 @@
 // grad_input, grad_offset, grad_mask, grad_weight_rows) for the backward (need: input, offset,
 // mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath);
 // plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
-// column elements a chunk may hold, and kChannelsLast, which picks one of two layouts:
+// column elements a chunk may hold, and kChannelsLast, which picks one of two layouts (a
+// channels-last backend also supplies to_channels_last(input), the (B, *in, C_in) copy of an input,
+// and from_channels_last(target, buffer), which writes (n, *in, C_in) as (n, C_in, *in) with a cast):
 //
 //   kChannelsLast = false: input (B, C_in, *in); columns (G, R, n*L) with row r = c*K + k, the
 //       weight's own order; grad_input buffer (n, C_in, *in).
@@ -75,9 +77,10 @@ std::vector<int64_t> output_shape(const ConvGeometry<D>& geo) {
   return shape;
 }
 
-// Matrix shapes of one chunk and the layout conversions that depend on kChannelsLast.
-template <int D, bool channels_last>
+// Matrix shapes of one chunk and the layout conversions that depend on Sampler::kChannelsLast.
+template <int D, typename Sampler>
 struct Layout {
+  static constexpr bool channels_last = Sampler::kChannelsLast;
   int64_t groups, out_per_group, in_per_group, kernel_points, rows_per_group;
 
   explicit Layout(const ConvGeometry<D>& geo)
@@ -88,7 +91,11 @@ struct Layout {
         rows_per_group(geo.in_channels / geo.groups * geo.kernel_points) {}
 
   at::Tensor input(const at::Tensor& input) const {
-    return channels_last ? input.movedim(1, -1).contiguous() : input.contiguous();
+    if constexpr (channels_last) {
+      return Sampler::to_channels_last(input);
+    } else {
+      return input.contiguous();
+    }
   }
 
   // (C_out, C_in/G, *kernel) -> (G, C_out/G, R) in the row order of the columns.
@@ -128,14 +135,11 @@ struct Layout {
   // Copies n samples of a grad_input buffer into grad_input (B, C_in, *in).
   void store_grad_input(at::Tensor& grad_input, int64_t b0, int64_t n, const at::Tensor& buffer) const {
     auto target = grad_input.narrow(0, b0, n);
-    if (!channels_last) {
+    if constexpr (channels_last) {
+      Sampler::from_channels_last(target, buffer.narrow(0, 0, n));
+    } else {
       target.copy_(buffer.narrow(0, 0, n).view(target.sizes()));
-      return;
     }
-    std::vector<int64_t> shape(target.sizes().begin(), target.sizes().end());
-    shape.erase(shape.begin() + 1);
-    shape.push_back(target.size(1));
-    target.copy_(buffer.narrow(0, 0, n).view(shape).movedim(-1, 1));
   }
 };
 
@@ -150,7 +154,7 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
   const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
   auto output = at::empty(output_shape(geo), input_arg.options());
   if (geo.batch == 0) return output;
-  const Layout<D, Sampler::kChannelsLast> layout(geo);
+  const Layout<D, Sampler> layout(geo);
   const auto input = layout.input(input_arg);
   const auto offset = offset_arg.contiguous();
   const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
@@ -208,7 +212,7 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
   const bool need_bias = output_mask[3];
   const bool need_mask = output_mask[4] && mask_arg.has_value();
   const auto geo = make_geometry<D>(input_arg, offset_arg, weight, stride, padding, dilation);
-  const Layout<D, Sampler::kChannelsLast> layout(geo);
+  const Layout<D, Sampler> layout(geo);
   const auto offset = offset_arg.contiguous();
   const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
   const auto grad_output = grad_output_arg.contiguous();

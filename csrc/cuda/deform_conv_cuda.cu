@@ -17,6 +17,7 @@
 #include "atomics.cuh"
 #include "implicit_gemm.cuh"
 #include "implicit_gemm_backward.cuh"
+#include "layout_copy.cuh"
 
 namespace dcnlab {
 namespace {
@@ -253,6 +254,11 @@ struct CudaSampler {
   using column_t = scalar_t;
 
   static constexpr bool kChannelsLast = true;
+
+  static at::Tensor to_channels_last(const at::Tensor& input) { return layout_copy::to_channels_last(input); }
+  static void from_channels_last(at::Tensor& target, const at::Tensor& buffer) {
+    layout_copy::from_channels_last(target, buffer);
+  }
 
   static int64_t column_budget() { return int64_t(1) << 26; }
 
