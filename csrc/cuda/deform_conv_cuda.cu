@@ -249,16 +249,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct CudaSampler {
+// Channels-last (kChannelsLast and its copies from layout_copy.cuh).
+struct CudaSampler : layout_copy::ChannelsLast {
   template <typename scalar_t>
   using column_t = scalar_t;
-
-  static constexpr bool kChannelsLast = true;
-
-  static at::Tensor to_channels_last(const at::Tensor& input) { return layout_copy::to_channels_last(input); }
-  static void from_channels_last(at::Tensor& target, const at::Tensor& buffer) {
-    layout_copy::from_channels_last(target, buffer);
-  }
 
   static int64_t column_budget() { return int64_t(1) << 26; }
 

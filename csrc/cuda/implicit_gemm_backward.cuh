@@ -439,6 +439,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const int64_t R = in_per_group * geo.kernel_points;
   const auto options = input.options().dtype(at::kFloat);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const driver_detail::Layout<D, layout_copy::ChannelsLast> layout(geo);
 
   // Channels per block: 64 where the group and offset group allow it, which halves the
   // grad-output tile loads and lets a 64-channel offset group be one chunk; 32 otherwise. With
@@ -459,9 +460,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const int64_t per_sample = geo.in_plane * geo.in_channels;
   // Samples per launch: as many as the grad_input buffer budget allows, spread evenly.
   const int64_t chunk = need_input ? driver_detail::even_chunk(geo.batch, per_sample, kGradInputBudget) : geo.batch;
-  // (n, *in, C_in) fp32, the layout of the input the kernel reads.
-  const at::Tensor grad_input_buffer =
-      need_input ? at::empty({chunk, geo.in_plane, geo.in_channels}, options) : at::Tensor();
+  const at::Tensor grad_input_buffer = need_input ? layout.grad_input_buffer(chunk, geo, options) : at::Tensor();
 
   auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
     // Splits over positions; each split owns one slice of the weight-gradient workspace.
@@ -494,10 +493,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(splits)), kThreads, shared_bytes, stream>>>(
           geo, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_input) {
-        auto target = grad_input.narrow(0, b0, n);
-        layout_copy::from_channels_last(target, grad_input_buffer.narrow(0, 0, n));
-      }
+      if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
     }
     if (need_weight) {
       auto rows = weight_part.sum(0);

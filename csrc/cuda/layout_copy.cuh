@@ -127,5 +127,14 @@ inline void from_channels_last(at::Tensor& target, const at::Tensor& source) {
   target.copy_(source.view(shape).movedim(-1, 1));
 }
 
+// The channels-last conversions of the driver's Layout (deform_conv_driver.h) for CUDA tensors.
+struct ChannelsLast {
+  static constexpr bool kChannelsLast = true;
+  static at::Tensor to_channels_last(const at::Tensor& input) { return layout_copy::to_channels_last(input); }
+  static void from_channels_last(at::Tensor& target, const at::Tensor& buffer) {
+    layout_copy::from_channels_last(target, buffer);
+  }
+};
+
 }  // namespace layout_copy
 }  // namespace dcnlab
