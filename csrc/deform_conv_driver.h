@@ -10,10 +10,12 @@
 //       chunk-local buffer) and writes the columns as sample_columns does (a backend may fuse
 //       that with the gradients); any of the four may be null: not wanted
 // and forward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, bias, output), which may
-// compute the whole forward without columns and return true, or return false to use the columns;
+// compute the whole forward without columns and return true, or return false to use the columns
+// (its input is the op's input in the caller's layout, not the Layout's copy);
 // likewise backward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, grad_output, need,
 // grad_input, grad_offset, grad_mask, grad_weight_rows) for the backward (need: input, offset,
-// mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath);
+// mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath; its
+// input likewise the op's);
 // plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts (a
 // channels-last backend also supplies to_channels_last(input), the (B, *in, C_in) copy of an input,
@@ -155,16 +157,17 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
   auto output = at::empty(output_shape(geo), input_arg.options());
   if (geo.batch == 0) return output;
   const Layout<D, Sampler> layout(geo);
-  const auto input = layout.input(input_arg);
   const auto offset = offset_arg.contiguous();
   const auto mask = mask_arg ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
   const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_arg.scalar_type(), "dcnlab::deform_conv", [&] {
     using column_t = typename Sampler::template column_t<scalar_t>;
     const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
     const auto w = layout.weight_rows(weight, column_dtype);
-    // A backend may compute the whole forward in one fused kernel for some shapes and dtypes.
-    if (Sampler::template forward_fused<D, scalar_t>(geo, input, offset, mask, w, bias, output)) return;
+    // A backend may compute the whole forward in one fused kernel for some shapes and dtypes
+    // (from the input as given, in the caller's layout).
+    if (Sampler::template forward_fused<D, scalar_t>(geo, input_arg, offset, mask, w, bias, output)) return;
+    const auto input = layout.input(input_arg);
     std::optional<at::Tensor> b;
     if (bias) b = bias->to(column_dtype).view({layout.groups, layout.out_per_group, 1});
     const auto columns =
@@ -240,19 +243,20 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
 
   const bool need_sampling_grads = need_input || need_offset || need_mask;
   if (geo.batch > 0 && (need_weight || need_sampling_grads)) {
-    const auto input = layout.input(input_arg);
     const int64_t chunk = chunk_samples(geo, Sampler::column_budget());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnlab::deform_conv_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_arg.scalar_type(), "dcnlab::deform_conv_backward", [&] {
       using column_t = typename Sampler::template column_t<scalar_t>;
       using opmath_t = at::opmath_type<scalar_t>;
       const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
       const auto w = layout.weight_rows(weight, column_dtype);
-      // A backend may compute the whole backward without columns for some shapes and dtypes.
-      if (Sampler::template backward_fused<D, scalar_t>(geo, input, offset, mask, w, grad_output,
+      // A backend may compute the whole backward without columns for some shapes and dtypes; it
+      // takes the input as given (and may convert its layout a chunk at a time).
+      if (Sampler::template backward_fused<D, scalar_t>(geo, input_arg, offset, mask, w, grad_output,
                                                         {need_input, need_offset, need_mask, need_weight}, grad_input,
                                                         grad_offset, grad_mask, grad_weight_rows)) {
         return;
       }
+      const auto input = layout.input(input_arg);
       // grad_input accumulates in an opmath buffer, one chunk at a time, except when it already
       // has the buffer's dtype and layout.
       const auto grad_input_buffer = need_input && !grad_input_in_place

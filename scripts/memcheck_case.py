@@ -4,13 +4,20 @@ Offsets include points far outside the input and non-finite values, so the bound
 exercised too. Exits non-zero if a result is non-finite.
 """
 
+import os
+
 import torch
 
 import dcnlab.ops
 
 
 def run_case(
-    dims: int, dtype: torch.dtype, channels: int = 4, in_size: tuple = (7, 6, 5), offset_groups: int = 2
+    dims: int,
+    dtype: torch.dtype,
+    channels: int = 4,
+    in_size: tuple = (7, 6, 5),
+    offset_groups: int = 2,
+    out_channels: int = 6,
 ) -> None:
     generator = torch.Generator(device="cuda").manual_seed(dims)
     kernel = (3,) * dims
@@ -26,8 +33,8 @@ def run_case(
     tensors = {
         "input": torch.randn(batch, channels, *in_size, device="cuda", generator=generator),
         "offset": offset,
-        "weight": torch.randn(6, channels // 2, *kernel, device="cuda", generator=generator),
-        "bias": torch.randn(6, device="cuda", generator=generator),
+        "weight": torch.randn(out_channels, channels // 2, *kernel, device="cuda", generator=generator),
+        "bias": torch.randn(out_channels, device="cuda", generator=generator),
         "mask": torch.rand(batch, offset_groups * points, *out_size, device="cuda", generator=generator),
     }
     tensors = {name: t.to(dtype).requires_grad_() for name, t in tensors.items()}
@@ -51,6 +58,12 @@ def main() -> None:
             # per sample a multiple of 8 (16-byte grad-output copies) and not.
             run_case(dims, dtype, channels=64)
             run_case(dims, dtype, channels=64, in_size=(16, 8, 4), offset_groups=1)
+            # 160 output channels per group: the backward's loop over output tiles (forced).
+            os.environ["DCNLAB_CUDA_PATH"] = "fused"
+            try:
+                run_case(dims, dtype, channels=64, out_channels=320)
+            finally:
+                del os.environ["DCNLAB_CUDA_PATH"]
     print("memcheck cases ran: 3 dims x 4 dtypes (and the fused paths for half types), forward and backward")
 
 

@@ -3,7 +3,7 @@
 The fused forward and backward take half types where C_in/groups and C_in/offset_groups are
 multiples of 32 and C_in/groups, C_out/groups are at most 128 (the backward outside deterministic
 mode). DCNLAB_CUDA_PATH=im2col forces the column path, =fused the fused kernels wherever they can
-run (the forward past 128 channels per group too). A profiler check makes sure
+run (past 128 channels per group too). A profiler check makes sure
 each test runs the path it names. All tests carry the `gpu` marker.
 """
 
@@ -98,9 +98,56 @@ def test_per_shape_pick(channels, fused):
     assert any("backward_kernel" in name and "implicit_gemm" in name for name in names) == fused, names
 
 
+# Wider than one 128-channel tile of output channels per group: the backward sums the grad columns
+# over the tiles (the last one partial here) and computes the weight gradient one tile per launch.
+WIDE_CONFIGS = [
+    dict(in_channels=64, out_channels=160, padding=1),
+    dict(in_channels=64, out_channels=600, groups=2, offset_groups=2, stride=2, padding=1, offset_scale=3.0),
+    dict(in_channels=160, out_channels=256, offset_groups=5, padding=1, mask=False, in_size=(16, 8, 4)),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("config", range(len(WIDE_CONFIGS)))
+def test_fused_backward_over_several_output_tiles_matches_reference(dims, dtype, config, monkeypatch):
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    case = make_case(dims, seed=30 + config, **config_for(dims, WIDE_CONFIGS[config]))
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+
+
+# 1-D forward: a contiguous input is read through per-tile windows in shared memory (corners
+# beyond them, e.g. of large offsets or of a tile's second sample, from global memory); an input
+# in channels-last order, or one whose window would not fit (dilation 150), is read channels-last.
+WINDOW_CONFIGS = [
+    dict(in_channels=64, out_channels=64, kernel=9, padding=4, in_size=300),
+    dict(in_channels=64, out_channels=96, kernel=9, padding=4, stride=2, in_size=300, offset_scale=20.0),
+    dict(in_channels=32, out_channels=160, kernel=3, padding=1, in_size=200, offset_groups=1),
+    dict(in_channels=32, out_channels=32, kernel=9, padding=600, dilation=150, in_size=300),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("config", range(len(WINDOW_CONFIGS)))
+def test_fused_1d_forward_reads_any_input_layout_alike(dtype, config, monkeypatch):
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    case = make_case(1, batch=3, seed=40 + config, **WINDOW_CONFIGS[config])
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    expected = deform_conv(*cuda_case.args())
+    channels_last = cuda_case.map(lambda t: t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 3 else t)
+    assert channels_last.input.transpose(1, 2).is_contiguous()
+    # The same stencils and the same order of operations: equal bit for bit.
+    torch.testing.assert_close(deform_conv(*channels_last.args()), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("out_channels", [32, 300])
 @pytest.mark.parametrize("wanted", [("weight",), ("input",), ("offset",), ("mask",), ("offset", "weight", "bias")])
-def test_fused_backward_computes_any_subset_of_gradients(wanted):
-    case = make_case(2, in_channels=64, out_channels=32, padding=1, in_size=8, seed=7)
+def test_fused_backward_computes_any_subset_of_gradients(wanted, out_channels, monkeypatch):
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")  # 300: three output tiles
+    case = make_case(2, in_channels=64, out_channels=out_channels, padding=1, in_size=8, seed=7)
     rounded = case.to(dtype=torch.bfloat16).to(dtype=torch.float64)
     grad_output = random_grad_output(rounded)
     _, expected = run_with_grads(deform_conv_reference, rounded, grad_output)
@@ -114,11 +161,16 @@ def test_fused_backward_computes_any_subset_of_gradients(wanted):
         assert_close_to_scale(grad, expected[name], 3e-2, f"grad {name}")
 
 
-@pytest.mark.parametrize("in_channels, out_channels, in_size", [(64, 64, (128, 128)), (32, 128, (128, 256))])
+@pytest.mark.parametrize(
+    "in_channels, out_channels, in_size", [(64, 64, (128, 128)), (32, 128, (128, 256)), (32, 288, (128, 256))]
+)
 def test_fused_backward_over_several_sample_chunks_matches_im2col(in_channels, out_channels, in_size, monkeypatch):
     # 9 samples of 1 Mi fp32 grad_input elements each are more than the fused backward's 4 Mi-element
-    # buffer: three launches of 3 samples, the weight gradient accumulating over them (64 and 128
-    # output channels: both tile widths).
+    # buffer: three launches of 3 samples, each with its own channels-last copy of the input, the
+    # weight gradient accumulating over them (64 and 128 output channels: both tile widths; 288:
+    # three tiles, forced). A channels_last input is read in place and gives the same gradients.
+    if out_channels > 128:
+        monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
     case = make_case(
         2, batch=9, in_channels=in_channels, out_channels=out_channels, in_size=in_size, padding=1, offset_scale=2.0
     )
@@ -127,10 +179,14 @@ def test_fused_backward_over_several_sample_chunks_matches_im2col(in_channels, o
     names = kernel_names(lambda: run_with_grads(deform_conv, case, grad_output))
     assert any("backward_kernel" in name for name in names), names
     _, fused = run_with_grads(deform_conv, case, grad_output)
+    channels_last = case.map(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    assert channels_last.input.is_contiguous(memory_format=torch.channels_last)
+    _, fused_channels_last = run_with_grads(deform_conv, channels_last, grad_output)
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
     _, im2col = run_with_grads(deform_conv, case, grad_output)
     for name in GRAD_NAMES:
         assert_close_to_scale(fused[name], im2col[name].float(), 2e-2, f"grad {name}")
+        assert_close_to_scale(fused_channels_last[name], fused[name].float(), 1e-2, f"grad {name} (channels_last)")
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

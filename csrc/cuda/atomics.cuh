@@ -21,4 +21,14 @@ __device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&val
   }
 }
 
+// *target += value: one vector atomic on Hopper, two scalar ones elsewhere.
+__device__ __forceinline__ void atomic_add_pair(float2* target, float2 value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(target, value);
+#else
+  atomicAdd(&target->x, value.x);
+  atomicAdd(&target->y, value.y);
+#endif
+}
+
 }  // namespace dcnlab

@@ -257,7 +257,8 @@ struct CudaSampler : layout_copy::ChannelsLast {
   static int64_t column_budget() { return int64_t(1) << 26; }
 
   // The implicit GEMM of implicit_gemm.cuh for half types where it applies (weight_rows is the
-  // contiguous (G, C_out/G, R) matrix in the channels-last row order).
+  // contiguous (G, C_out/G, R) matrix in the channels-last row order; input is the op's, which
+  // the kernel copies to channels-last or, in 1-D, reads through shared-memory windows).
   template <int D, typename scalar_t>
   static bool forward_fused(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
                             const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows,
@@ -266,7 +267,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
       const auto w = weight_rows.contiguous();
       if (!implicit_gemm::applies(geo, input, w)) return false;
       const auto b = bias ? std::optional<at::Tensor>(bias->to(input.scalar_type()).contiguous()) : std::nullopt;
-      implicit_gemm::forward<D, scalar_t>(geo, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+      implicit_gemm::forward<D, scalar_t>(geo, input, offset.const_data_ptr<scalar_t>(),
                                           mask ? mask->const_data_ptr<scalar_t>() : nullptr,
                                           w.const_data_ptr<scalar_t>(),
                                           b ? b->const_data_ptr<scalar_t>() : nullptr,

@@ -21,9 +21,13 @@
 // repeated for every tile of output channels, so by default it runs for <= 128 channels per
 // group (applies()); docs/perf-notes.md has the measurements and profiles.
 //
+// The kernel reads a channels-last copy of the input (a channels-last input in place), except in
+// 1-D, where each block copies the window of input positions its tile samples into shared memory
+// (kWindow below).
+//
 // Conditions (checked by the caller, which falls back to the im2col path otherwise): half or
 // bfloat16, sm_80 or newer, C_in/G and C_in/offset_groups multiples of kBK (a step lies in one
-// conv group and one offset group), 16-byte aligned input and weight rows.
+// conv group and one offset group), 16-byte aligned input and weight rows (fusable()).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -35,6 +39,8 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+
+#include "layout_copy.cuh"
 
 namespace dcnlab {
 namespace implicit_gemm {
@@ -236,13 +242,34 @@ struct alignas(128) ForwardShared {
   int64_t row_origin[D][BM];  // see output_origin
 };
 
+// The 1-D input window of a tile (kWindow): positions [lo, lo + length) of the tile's first
+// sample, lo = the first row's origin - margin, in shared memory past ForwardShared as
+// (position, channel of the block's group) rows of `ld` elements. `length` covers every corner
+// of the tile's rows at offsets within +-margin; corners outside it (other offsets, rows of the
+// next sample) are read from the input in global memory.
+struct Window {
+  int64_t length;
+  int64_t margin;
+  int ld;
+};
+
+// Input window rows: C_in/G channels + 8 (16-byte aligned rows for the 16-byte corner reads).
+inline int window_ld(int64_t in_per_group) { return static_cast<int>(in_per_group) + 8; }
+
 // Tiles: BM output positions x BN output channels; 8 warps as (BM / 32) x (8 / (BM / 32)), each
 // warp 32 rows x BN / (8 / (BM / 32)) columns.
-template <int D, int BM, int BN, typename scalar_t>
+//
+// kWindow (1-D only): `input` is the op's (B, C_in, L_in) input as it is, not a channels-last
+// copy; each block first copies its window (see Window) into shared memory, and the stencils
+// point into it. Measured on H200 (docs/perf-notes.md, session 6): the kernel takes 285 us
+// against 261 us for the channels-last kernel plus 38 us for the copy it needs (B32 C128 4096
+// k9), 133 against 124 + 20 us (C64), and the forward holds no copy of the input.
+template <int D, int BM, int BN, bool kWindow, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
                    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ weight_rows,
-                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ output) {
+                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ output, const Window window) {
+  static_assert(!kWindow || D == 1, "the input window is 1-D");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kWarpsM = BM / 32;
   constexpr int kWarpsN = (kThreads / 32) / kWarpsM;
@@ -333,6 +360,38 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Corner by corner into shared memory (no whole Stencil live next to the accumulators): the
   // address of the corner's first channel of group g, or the zero page outside.
   const scalar_t* group_input = input + static_cast<int64_t>(g) * in_per_group;
+  // kWindow: the window's sample and first position, and its copy (warps over channels, lanes
+  // over positions: each warp reads runs of consecutive positions of one channel).
+  uint16_t* window_rows = reinterpret_cast<uint16_t*>(forward_shared + sizeof(Shared));
+  int64_t window_sample = 0, window_lo = 0;
+  if constexpr (kWindow) {
+    int64_t l0;
+    divide(m0, L, window_sample, l0);
+    window_lo = l0 * geo.stride[0] - geo.padding[0] - window.margin;
+    const int64_t length_in = geo.in_size[0];
+    const uint16_t* source =
+        reinterpret_cast<const uint16_t*>(input) + (window_sample * C + static_cast<int64_t>(g) * in_per_group) * length_in;
+    // kFill channels per warp and pass, their loads issued before their stores (one load in
+    // flight per thread left the fill latency-bound: measured, session 6).
+    constexpr int kFill = 8;
+    for (int c0 = warp; c0 < in_per_group; c0 += kFill * (kThreads / 32)) {
+      for (int p = lane; p < window.length; p += 32) {
+        const int64_t x = window_lo + p;
+        const bool in_input = x >= 0 && x < length_in;
+        uint16_t values[kFill];
+#pragma unroll
+        for (int u = 0; u < kFill; ++u) {
+          const int c = c0 + u * (kThreads / 32);
+          values[u] = in_input && c < in_per_group ? __ldg(source + c * length_in + x) : uint16_t(0);
+        }
+#pragma unroll
+        for (int u = 0; u < kFill; ++u) {
+          const int c = c0 + u * (kThreads / 32);
+          if (c < in_per_group) window_rows[p * window.ld + c] = values[u];
+        }
+      }
+    }
+  }
   auto build = [&](const Cursor& c, int buffer) {
     ForwardPoints<D, BM, scalar_t>& points = smem.points[buffer];
     int64_t low[D] = {};
@@ -349,12 +408,27 @@ __global__ void __launch_bounds__(kThreads, 2)
       in_range = stencil_cell(pos, geo.in_size, low, frac);
     }
     const float modulation = row_valid ? raw[D] : 0.0f;
-    const int64_t sample_base = smem.row_sample[tid] * geo.in_plane;
+    const int64_t sample = smem.row_sample[tid];
+    const int64_t sample_base = sample * geo.in_plane;
     for (int corner = 0; corner < kCorners; ++corner) {
       int64_t index;
       float weight;
       const bool inside = stencil_corner(low, frac, geo.in_size, in_range, corner, index, weight);
-      points.source[corner][tid] = inside ? group_input + (sample_base + index) * C : zeros;
+      if constexpr (kWindow) {
+        // The window (shared memory, through a generic pointer), or the input's channel-0 element
+        // of the group at this position, tagged by bit 0 (16-bit elements leave it free).
+        const int64_t p = index - window_lo;
+        if (!inside) {
+          points.source[corner][tid] = zeros;
+        } else if (sample == window_sample && p >= 0 && p < window.length) {
+          points.source[corner][tid] = reinterpret_cast<const scalar_t*>(window_rows + p * window.ld);
+        } else {
+          const scalar_t* element = input + (sample * C + static_cast<int64_t>(g) * in_per_group) * geo.in_size[0] + index;
+          points.source[corner][tid] = reinterpret_cast<const scalar_t*>(reinterpret_cast<uintptr_t>(element) | 1u);
+        }
+      } else {
+        points.source[corner][tid] = inside ? group_input + (sample_base + index) * C : zeros;
+      }
       // Outside corners read zeros; their weight is only the modulation, so that a non-finite
       // mask still gives what the other paths give (modulation * 0).
       points.weight[corner][tid] = modulation * (inside ? weight : 1.0f);
@@ -414,7 +488,23 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int channel = c0 + (p % kPacksPerRow) * kPack;
         uint4 corners[kCorners];
         for (int corner = 0; corner < kCorners; ++corner) {
-          corners[corner] = __ldg(reinterpret_cast<const uint4*>(points.source[corner][row] + channel));
+          const scalar_t* source = points.source[corner][row];
+          if constexpr (kWindow) {
+            const uintptr_t tagged = reinterpret_cast<uintptr_t>(source);
+            if (tagged & 1u) {  // outside the window: 8 channels, a channel plane apart
+              const uint16_t* element = reinterpret_cast<const uint16_t*>(tagged - 1u) + channel * geo.in_size[0];
+              unsigned words[4];
+              for (int w = 0; w < 4; ++w) {
+                words[w] = unsigned(__ldg(element + (2 * w) * geo.in_size[0])) |
+                           (unsigned(__ldg(element + (2 * w + 1) * geo.in_size[0])) << 16);
+              }
+              corners[corner] = make_uint4(words[0], words[1], words[2], words[3]);
+            } else {  // the window or the zero page: a generic 16-byte load
+              corners[corner] = *reinterpret_cast<const uint4*>(source + channel);
+            }
+          } else {
+            corners[corner] = __ldg(reinterpret_cast<const uint4*>(source + channel));
+          }
         }
         float values[kPack] = {};
         for (int corner = 0; corner < kCorners; ++corner) {
@@ -495,30 +585,65 @@ inline std::string requested_path() {
   return path_variable ? path_variable : "auto";
 }
 
+// Conditions both fused kernels need (not the per-shape pick): half types, sm_80 or newer, C_in/G
+// and C_in/offset_groups multiples of kBK (a step lies in one conv group and one offset group),
+// 16-byte aligned weight rows and channels-last input rows. `input` is the op's input as given:
+// one already in channels-last order is read in place (its pointer must be aligned), any other
+// is copied (an aligned allocation) or, in 1-D, read through the input window.
+template <int D>
+bool fusable(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& weight_rows) {
+  const auto dtype = input.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const int64_t in_per_group = geo.in_channels / geo.groups;
+  const bool view = input.movedim(1, -1).is_contiguous();
+  return in_per_group % kBK == 0 && geo.channels_per_offset_group() % kBK == 0 && in_per_group <= kMaxZeroChannels &&
+         (!view || reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0) &&
+         reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 == 0 && geo.in_channels < (int64_t(1) << 30);
+}
+
 // Whether the fused forward handles this call; the caller uses the im2col path otherwise.
 template <int D>
-bool applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
-  const auto dtype = input_channels_last.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+bool applies(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& weight_rows) {
   const std::string path = requested_path();
   if (path == "im2col") return false;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
   const int64_t in_per_group = geo.in_channels / geo.groups;
   // Measured on H200 (docs/perf-notes.md, v8): faster than im2col for C_in/G = C_out/G <= 128
   // (1.2-2.4x), ~2x slower for 256 and 512.
   const bool wide = in_per_group > kMaxFusedChannels || geo.out_channels / geo.groups > kMaxFusedChannels;
   if (wide && path != "fused") return false;
-  return in_per_group % kBK == 0 && geo.channels_per_offset_group() % kBK == 0 && in_per_group <= kMaxZeroChannels &&
-         reinterpret_cast<uintptr_t>(input_channels_last.const_data_ptr()) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 == 0 &&
-         (geo.batch * geo.out_plane + 63) / 64 < (int64_t(1) << 31) &&
+  return fusable(geo, input, weight_rows) && (geo.batch * geo.out_plane + 63) / 64 < (int64_t(1) << 31) &&
          geo.groups * ((geo.out_channels / geo.groups + 63) / 64) <= 65535 &&  // grid.y
-         geo.kernel_points * (in_per_group / kBK) < (int64_t(1) << 31) &&    // steps (int)
-         geo.in_channels < (int64_t(1) << 30);
+         geo.kernel_points * (in_per_group / kBK) < (int64_t(1) << 31);       // steps (int)
 }
 
+// Tile rows of the forward for C_out/G output channels per group.
+inline int forward_block_m(int64_t out_per_group) { return out_per_group > 128 ? 64 : 128; }
+
+// The 1-D input window for `input` (see Window), or length 0 where the forward copies the input
+// to channels-last instead: an input already in that order, or a window past the shared memory
+// that keeps two blocks per SM (strides or dilations that spread a tile's corners widely).
+template <int D>
+Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int shared_bytes) {
+  Window window{0, 0, 0};
+  if constexpr (D == 1) {
+    if (input.movedim(1, -1).is_contiguous() || !input.is_contiguous()) return window;
+    // Offsets beyond +-8 positions are rare for a trained layer's N(0, a few) offsets; they are
+    // read from global memory.
+    constexpr int64_t kMargin = 8;
+    const int64_t rows = forward_block_m(geo.out_channels / geo.groups);
+    const int64_t length =
+        (rows - 1) * geo.stride[0] + (geo.kernel[0] - 1) * geo.dilation[0] + 2 + 2 * kMargin;
+    const int ld = window_ld(geo.in_channels / geo.groups);
+    const int64_t budget = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor / 2 - 1024;
+    if (shared_bytes + length * ld * 2 <= budget && geo.in_size[0] < (int64_t(1) << 31)) window = {length, kMargin, ld};
+  }
+  return window;
+}
+
+// The fused forward; `input` as in fusable().
 template <int D, typename scalar_t>
-void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t* offset, const scalar_t* mask,
              const scalar_t* weight_rows, const scalar_t* bias, scalar_t* output) {
   const int64_t out_per_group = geo.out_channels / geo.groups;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -526,12 +651,32 @@ void forward(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* 
   auto run = [&](auto block_m, auto block_n) {
     constexpr int BM = decltype(block_m)::value;
     constexpr int BN = decltype(block_n)::value;
-    constexpr auto kernel = forward_kernel<D, BM, BN, scalar_t>;
     constexpr int bytes = sizeof(ForwardShared<D, BM, BN, scalar_t>);
-    opt_in_shared_memory<kernel>(bytes);
     const int64_t m_tiles = (geo.batch * geo.out_plane + BM - 1) / BM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + BN - 1) / BN)));
-    kernel<<<grid, kThreads, bytes, stream>>>(geo, input, offset, mask, weight_rows, bias, output);
+    const Window window = input_window(geo, input, bytes);
+    if constexpr (D == 1) {
+      if (window.length > 0) {
+        constexpr auto kernel = forward_kernel<D, BM, BN, true, scalar_t>;
+        const int window_bytes = bytes + static_cast<int>(window.length) * window.ld * 2;
+        // The attribute is set per device for the largest window asked for there.
+        constexpr int kMaxDevices = 64;
+        static std::atomic<int> opted[kMaxDevices] = {};
+        const int device = at::cuda::current_device();
+        if (device >= kMaxDevices || window_bytes > opted[device].load()) {
+          AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, window_bytes));
+          if (device < kMaxDevices) opted[device].store(window_bytes);
+        }
+        kernel<<<grid, kThreads, window_bytes, stream>>>(geo, input.const_data_ptr<scalar_t>(), offset, mask,
+                                                         weight_rows, bias, output, window);
+        return;
+      }
+    }
+    const at::Tensor channels_last = layout_copy::to_channels_last(input);
+    constexpr auto kernel = forward_kernel<D, BM, BN, false, scalar_t>;
+    opt_in_shared_memory<kernel>(bytes);
+    kernel<<<grid, kThreads, bytes, stream>>>(geo, channels_last.const_data_ptr<scalar_t>(), offset, mask, weight_rows,
+                                              bias, output, window);
   };
   // Two blocks per SM (128 registers per thread). Measured on H200 (docs/perf-notes.md, v12):
   // 64-row tiles or three blocks per SM (80 registers) are 10-40% slower on every benchmark shape.

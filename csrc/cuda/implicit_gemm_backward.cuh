@@ -26,9 +26,13 @@
 // gradients are written directly when an offset group is one chunk (CH channels); otherwise each
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
-// Conditions: those of the fused forward (applies() in implicit_gemm.cuh, so by default at most
-// 128 channels per group) and C_out/G <= 128 (one tile of output channels); not under
-// deterministic algorithms (the grad_input atomics).
+// Output channels come in tiles of BN (64 or 128). A layer with more than 128 per group sums the
+// grad columns over its tiles, loading one grad-output tile and weight slice after the other into
+// shared memory, and computes its weight gradient one tile per launch (backward() below).
+//
+// Conditions (backward_applies()): half types, sm_80 or newer, C_in/G and C_in/offset_groups
+// multiples of 32, 16-byte aligned weight rows; not under deterministic algorithms (the
+// grad_input atomics). By default only for at most 128 channels per group, input and output.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -91,11 +95,18 @@ struct BackwardArgs {
   scalar_t* grad_mask;
   float* grad_offset_sum;       // ... or summed over chunks with atomics (zeroed fp32)
   float* grad_mask_sum;
-  float* grad_weight_part;      // (splits, G, BN, R) fp32
+  float* grad_weight_part;      // (splits, G, BN, R) fp32, or (G, weight_part_rows, R) that kTiled blocks add to with atomics
+  int64_t weight_part_rows;     // rows per group of grad_weight_part (kTiled: the output tiles x BN, else BN)
   bool accumulate_weight;       // add to grad_weight_part instead of overwriting it
+  // Output channels in tiles of BN: the grad columns sum the products of tiles tile_begin ..
+  // tile_begin + tile_count - 1 (one at a time through shared memory), the weight gradient is
+  // that of the last of them.
+  int tile_begin, tile_count;
 };
 
-template <int D, int BN, int CH, typename scalar_t>
+// kTiled: C_out/G > BN (tile_begin, tile_count, atomic_weight and weight_part_rows are read);
+// otherwise one tile of output channels, and the compiled kernel has none of the tile loop.
+template <int D, int BN, int CH, bool kTiled, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_kernel(const ConvGeometry<D> geo, const BackwardArgs<scalar_t> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -132,24 +143,65 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c0 = chunk * CH;
   const int64_t c_abs = static_cast<int64_t>(g) * in_per_group + c0;
   const int og = static_cast<int>(c_abs / per_offset_group);
-  const int out_end = (out_per_group + 15) / 16 * 16;  // output channels the products need to visit
+  // Output channels of tile t that the products need to visit (whole 16-channel steps).
+  auto tile_end = [&](int t) { return (min(BN, out_per_group - t * BN) + 15) / 16 * 16; };
+  const int tile_begin = kTiled ? args.tile_begin : 0;
+  const int last_tile = kTiled ? args.tile_begin + args.tile_count - 1 : 0;
   const scalar_t* zeros = reinterpret_cast<const scalar_t*>(zero_pack);
   const bool want_columns = args.grad_weight_part != nullptr;
   const bool want_position =
       args.grad_offset || args.grad_mask || args.grad_offset_sum || args.grad_mask_sum;
   const bool want_grad_columns = want_position || args.grad_input;
 
-  // The weight slice (BN output channels x CH channels of kernel point k), once per block; its
-  // copies complete with the first tile's.
-  for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
-    const int co = p / kPacksPerRow;
-    const int pack = p % kPacksPerRow;
-    const bool valid = co < out_per_group;
-    const scalar_t* source =
-        valid ? args.weight_rows + (static_cast<int64_t>(g) * out_per_group + co) * R +
-                    static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack
-              : args.weight_rows;
-    copy_async_16(smem.weight + co * kLd + pack * kPack, source, valid ? 16 : 0);
+  // The weight slice of output-channel tile t (BN output channels x CH channels of kernel point k).
+  auto load_weight = [&](int t) {
+    for (int p = tid; p < BN * kPacksPerRow; p += kThreads) {
+      const int co = p / kPacksPerRow;
+      const int pack = p % kPacksPerRow;
+      const int channel = t * BN + co;
+      const bool valid = channel < out_per_group;
+      const scalar_t* source =
+          valid ? args.weight_rows + (static_cast<int64_t>(g) * out_per_group + channel) * R +
+                      static_cast<int64_t>(k) * in_per_group + c0 + pack * kPack
+                : args.weight_rows;
+      copy_async_16(smem.weight + co * kLd + pack * kPack, source, valid ? 16 : 0);
+    }
+  };
+  // The grad-output tile (BN output channels of tile t x BM positions from m0), zero past the end
+  // and past out_per_group.
+  auto load_grad_out = [&](int t, int64_t m0) {
+    const int64_t channel0 = static_cast<int64_t>(g) * out_per_group + t * BN;
+    const int count = min(BN, out_per_group - t * BN);
+    if (args.vector_grad_out) {
+      for (int p = tid; p < BN * (BM / 8); p += kThreads) {
+        const int co = p / (BM / 8);
+        const int q = p % (BM / 8);
+        const int64_t m = m0 + q * 8;
+        const bool valid = co < count && m < M;
+        int64_t b_local = 0, l = 0;
+        if (valid) divide(m, L, b_local, l);
+        const scalar_t* source =
+            valid ? args.grad_output + ((args.b0 + b_local) * C_out + channel0 + co) * L + l : args.grad_output;
+        copy_async_16(smem.grad_out + co * kLdOut + q * 8, source, valid ? 16 : 0);
+      }
+    } else {
+      // Thread t always covers position t % BM of the tile, output channels t / BM + i * kThreads / BM.
+      static_assert(kThreads % BM == 0, "fixed position per thread");
+      scalar_t* target = reinterpret_cast<scalar_t*>(smem.grad_out);
+      const int r = tid % BM;
+      const int64_t m = m0 + r;
+      int64_t b_local = 0, l = 0;
+      if (m < M) divide(m, L, b_local, l);
+      const int64_t base = m < M ? ((args.b0 + b_local) * C_out + channel0) * L + l : -1;
+      for (int co = tid / BM; co < BN; co += kThreads / BM) {
+        target[co * kLdOut + r] = base >= 0 && co < count ? args.grad_output[base + co * L] : scalar_t(0);
+      }
+    }
+  };
+  // With one tile of output channels the weight slice is copied once per block (its copies
+  // complete with the first position tile's); with several, once per tile and position tile.
+  if constexpr (!kTiled) {
+    if (want_grad_columns) load_weight(0);
   }
 
   // Lane roles in the fragments (see mma_16816) and in the ldmatrix addresses (lane / 8 picks one of
@@ -161,12 +213,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int quad_row = lane % 8;
   const int weight_row = (warp / kWarpsPerWeightRow) * 16;            // first output channel of this warp
   const int weight_col = (warp % kWarpsPerWeightRow) * kTiles * 8;    // first channel of this warp
+  const int64_t split = kTiled ? 0 : blockIdx.y;
+  const int64_t part_rows = kTiled ? args.weight_part_rows : BN;
   float* weight_part = args.grad_weight_part
-                           ? args.grad_weight_part + ((static_cast<int64_t>(blockIdx.y) * geo.groups + g) * BN) * R +
+                           ? args.grad_weight_part + ((split * geo.groups + g) * part_rows + int64_t(last_tile) * BN) * R +
                                  static_cast<int64_t>(k) * in_per_group + c0
                            : nullptr;
   float weight_acc[kTiles][4] = {};
-  if (want_columns && args.accumulate_weight) {
+  if (!kTiled && want_columns && args.accumulate_weight) {
     for (int n = 0; n < kTiles; ++n) {
       for (int half = 0; half < 2; ++half) {
         const float2 value = *reinterpret_cast<const float2*>(
@@ -181,32 +235,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
     const int64_t m0 = tile * BM;
     __syncthreads();  // the previous tile is consumed
-    // 1. Grad-output tile, zero past the end and past out_per_group.
-    if (args.vector_grad_out) {
-      for (int p = tid; p < BN * (BM / 8); p += kThreads) {
-        const int co = p / (BM / 8);
-        const int q = p % (BM / 8);
-        const int64_t m = m0 + q * 8;
-        const bool valid = co < out_per_group && m < M;
-        int64_t b_local = 0, l = 0;
-        if (valid) divide(m, L, b_local, l);
-        const scalar_t* source =
-            valid ? args.grad_output + ((args.b0 + b_local) * C_out + static_cast<int64_t>(g) * out_per_group + co) * L + l
-                  : args.grad_output;
-        copy_async_16(smem.grad_out + co * kLdOut + q * 8, source, valid ? 16 : 0);
-      }
-    } else {
-      // Thread t always covers position t % BM of the tile, output channels t / BM + i * kThreads / BM.
-      static_assert(kThreads % BM == 0, "fixed position per thread");
-      scalar_t* target = reinterpret_cast<scalar_t*>(smem.grad_out);
-      const int r = tid % BM;
-      const int64_t m = m0 + r;
-      int64_t b_local = 0, l = 0;
-      if (m < M) divide(m, L, b_local, l);
-      const int64_t base = m < M ? ((args.b0 + b_local) * C_out + static_cast<int64_t>(g) * out_per_group) * L + l : -1;
-      for (int co = tid / BM; co < BN; co += kThreads / BM) {
-        target[co * kLdOut + r] = base >= 0 && co < out_per_group ? args.grad_output[base + co * L] : scalar_t(0);
-      }
+    // 1. Grad-output tile (the first output-channel tile of the launch) and, with several
+    // tiles, its weight slice.
+    load_grad_out(tile_begin, m0);
+    if constexpr (kTiled) {
+      if (want_grad_columns) load_weight(tile_begin);
     }
     // Stencils of the tile's positions at kernel point k, offset group og.
     if (tid < BM) {
@@ -249,22 +282,42 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 2. Grad columns (BM x CH) = grad-output tile^T (BM x BN) @ weight slice (BN x CH); warp w
     // owns rows 16w..16w+15.
     if (want_grad_columns) {
-      float grad_acc[CH / 8][4] = {};
-      for (int co0 = 0; co0 < out_end; co0 += 16) {
-        // A (positions x output channels) is the transpose of the stored tile.
-        unsigned a[4];
-        load_matrix_x4(a, smem.grad_out + (co0 + quad_row + 8 * (quad / 2)) * kLdOut + warp * 16 + 8 * (quad % 2), true);
-        for (int n = 0; n < CH / 8; n += 2) {
-          unsigned b[4];
-          load_matrix_x4(b, smem.weight + (co0 + quad_row + 8 * (quad % 2)) * kLd + n * 8 + 8 * (quad / 2), true);
-          mma_16816<scalar_t>(grad_acc[n], a, b[0], b[1]);
-          mma_16816<scalar_t>(grad_acc[n + 1], a, b[2], b[3]);
+      // Warp w owns rows 16w..16w+15 of the grad columns in shared memory, so each tile's
+      // product is added there without a barrier; no accumulator lives across a tile's copies.
+      for (int t = tile_begin; t <= last_tile; ++t) {
+        if (kTiled && t > tile_begin) {  // the next output-channel tile replaces this one
+          __syncthreads();
+          load_grad_out(t, m0);
+          load_weight(t);
+          copy_async_wait_all();
+          __syncthreads();
         }
-      }
-      for (int n = 0; n < CH / 8; ++n) {
-        for (int half = 0; half < 2; ++half) {
-          *reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad + n * 8 + pair) =
-              make_float2(grad_acc[n][2 * half], grad_acc[n][2 * half + 1]);
+        float grad_acc[CH / 8][4] = {};
+        const int out_end = tile_end(t);
+        for (int co0 = 0; co0 < out_end; co0 += 16) {
+          // A (positions x output channels) is the transpose of the stored tile.
+          unsigned a[4];
+          load_matrix_x4(a, smem.grad_out + (co0 + quad_row + 8 * (quad / 2)) * kLdOut + warp * 16 + 8 * (quad % 2),
+                         true);
+          for (int n = 0; n < CH / 8; n += 2) {
+            unsigned b[4];
+            load_matrix_x4(b, smem.weight + (co0 + quad_row + 8 * (quad % 2)) * kLd + n * 8 + 8 * (quad / 2), true);
+            mma_16816<scalar_t>(grad_acc[n], a, b[0], b[1]);
+            mma_16816<scalar_t>(grad_acc[n + 1], a, b[2], b[3]);
+          }
+        }
+        for (int n = 0; n < CH / 8; ++n) {
+          for (int half = 0; half < 2; ++half) {
+            float2* target =
+                reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad + n * 8 + pair);
+            float2 value = make_float2(grad_acc[n][2 * half], grad_acc[n][2 * half + 1]);
+            if (kTiled && t > tile_begin) {
+              const float2 sum = *target;
+              value.x += sum.x;
+              value.y += sum.y;
+            }
+            *target = value;
+          }
         }
       }
     }
@@ -363,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
 
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
-    if (want_columns && weight_row < out_end) {
+    if (want_columns && weight_row < tile_end(last_tile)) {
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
         load_matrix_x4(a, smem.grad_out + (weight_row + quad_row + 8 * (quad % 2)) * kLdOut + p0 + 8 * (quad / 2), false);
@@ -381,17 +434,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (want_columns) {
     for (int n = 0; n < kTiles; ++n) {
       for (int half = 0; half < 2; ++half) {
-        *reinterpret_cast<float2*>(weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair) =
-            make_float2(weight_acc[n][2 * half], weight_acc[n][2 * half + 1]);
+        float2* target =
+            reinterpret_cast<float2*>(weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair);
+        const float2 value = make_float2(weight_acc[n][2 * half], weight_acc[n][2 * half + 1]);
+        if constexpr (kTiled) {
+          atomic_add_pair(target, value);
+        } else {
+          *target = value;
+        }
       }
     }
   }
 #endif
 }
 
-template <int D, int BN, int CH, typename scalar_t>
+template <int D, int BN, int CH, bool kTiled, typename scalar_t>
 int backward_blocks_per_sm() {
-  return opt_in_shared_memory<backward_kernel<D, BN, CH, scalar_t>>(static_cast<int>(sizeof(BackwardShared<D, BN, CH>)));
+  return opt_in_shared_memory<backward_kernel<D, BN, CH, kTiled, scalar_t>>(
+      static_cast<int>(sizeof(BackwardShared<D, BN, CH>)));
 }
 
 // Splits of the positions for blocks_x blocks per split, over `tiles` position tiles. Every block
@@ -414,21 +474,37 @@ inline int64_t choose_splits(int64_t blocks_x, int64_t wave, int64_t tiles) {
   return best;
 }
 
-// Whether the fused backward handles this call (the im2col backward otherwise).
+// Whether the fused backward handles this call (the im2col backward otherwise). `input` is the
+// op's input in any layout: each launch copies its samples to channels-last (or takes a view of a
+// channels-last input).
 template <int D>
-bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input_channels_last, const at::Tensor& weight_rows) {
+bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& weight_rows) {
   if (at::globalContext().deterministicAlgorithms()) return false;  // grad_input needs atomics
-  // One tile of output channels. Measured on H200 (docs/perf-notes.md, v11e): 1.5-2.4x faster than
-  // the im2col backward for C_out/G = 32 and 64, on par for 128 (1D, with a third of the memory).
-  if (geo.out_channels / geo.groups > 128) return false;
-  return applies(geo, input_channels_last, weight_rows) &&
-         geo.in_channels / geo.groups * geo.kernel_points < (int64_t(1) << 31) &&  // R: a fragment's leading dimension
-         geo.groups * geo.kernel_points * (geo.in_channels / geo.groups / kBK) < (int64_t(1) << 31);
+  const std::string path = requested_path();
+  if (path == "im2col") return false;
+  const int64_t in_per_group = geo.in_channels / geo.groups;
+  // Measured on H200 (docs/perf-notes.md, v11e): 1.5-2.4x faster than the im2col backward for
+  // C_out/G = 32 and 64, on par for 128 (1D, with a third of the memory). Wider layers loop over
+  // tiles of 128 output channels (DCNLAB_CUDA_PATH=fused).
+  const bool wide = in_per_group > kMaxFusedChannels || geo.out_channels / geo.groups > kMaxFusedChannels;
+  if (wide && path != "fused") return false;
+  return fusable(geo, input, weight_rows) &&
+         in_per_group * geo.kernel_points < (int64_t(1) << 31) &&  // R: a fragment's leading dimension
+         geo.groups * geo.kernel_points * (in_per_group / kBK) < (int64_t(1) << 31);
 }
 
 // The fused backward; grad_input, grad_offset and grad_mask are the op's results (written
 // here where wanted, each a defined tensor of its final shape), grad_weight_rows receives the
 // (G, C_out/G, R) fp32 weight gradient where wanted.
+//
+// Each launch covers the samples whose fp32 grad_input buffer fits kGradInputBudget, with its own
+// channels-last copy of those samples' input. With one tile of output channels (C_out/G <= 128)
+// one launch computes every gradient, and the weight gradient is summed over position splits in
+// a workspace slice per split. Wider layers sum the grad columns over all tiles of 128 output
+// channels in one launch (the sampling gradients need the whole sum) and compute the weight
+// gradient one output tile per launch: the last tile with the sampling gradients, the others in
+// launches that only gather the columns; their blocks add their partial weight gradients into one
+// buffer with atomics, so the workspace does not grow with the splits.
 template <int D, typename scalar_t>
 void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows, const at::Tensor& grad_output,
@@ -456,6 +532,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   at::Tensor offset_sum, mask_sum;
   if (need_offset && !direct) offset_sum = at::zeros(offset.sizes(), options);
   if (need_mask && !direct) mask_sum = at::zeros(mask->sizes(), options);
+  const bool need_sampling = need_input || need_offset || need_mask;
 
   const int64_t per_sample = geo.in_plane * geo.in_channels;
   // Samples per launch: as many as the grad_input buffer budget allows, spread evenly.
@@ -463,59 +540,101 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const at::Tensor grad_input_buffer = need_input ? layout.grad_input_buffer(chunk, geo, options) : at::Tensor();
 
   auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
-    // Splits over positions; each split owns one slice of the weight-gradient workspace.
+    const int out_tiles = static_cast<int>((out_per_group + block_n - 1) / block_n);
+    const bool atomic_weight = out_tiles > 1;
+    // Splits over positions; without atomic_weight each split owns one slice of the
+    // weight-gradient workspace.
     const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / chunk_channels);
     const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
     const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
     const int64_t splits = choose_splits(blocks_x, wave, tiles);
+    const int64_t weight_rows_per_group = int64_t(out_tiles) * block_n;
     at::Tensor weight_part;
-    if (need_weight) weight_part = at::empty({splits, geo.groups, block_n, R}, options);
+    if (need_weight) {
+      weight_part = atomic_weight ? at::zeros({geo.groups, weight_rows_per_group, R}, options)
+                                  : at::empty({splits, geo.groups, weight_rows_per_group, R}, options);
+    }
     const bool vector_grad_out =
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
-    for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
-      const int64_t n = std::min(chunk, geo.batch - b0);
-      if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
-      BackwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>() + b0 * per_sample,
-                                  offset.const_data_ptr<scalar_t>(),
-                                  mask ? mask->const_data_ptr<scalar_t>() : nullptr,
-                                  weight_rows.const_data_ptr<scalar_t>(),
-                                  grad_output.const_data_ptr<scalar_t>(),
-                                  b0,
-                                  n,
-                                  vector_grad_out,
-                                  need_input ? grad_input_buffer.mutable_data_ptr<float>() : nullptr,
-                                  need_offset && direct ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
-                                  need_mask && direct ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr,
-                                  offset_sum.defined() ? offset_sum.mutable_data_ptr<float>() : nullptr,
-                                  mask_sum.defined() ? mask_sum.mutable_data_ptr<float>() : nullptr,
-                                  need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
-                                  b0 > 0};
+    auto launch = [&](const BackwardArgs<scalar_t>& args) {
       kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(splits)), kThreads, shared_bytes, stream>>>(
           geo, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
+      const int64_t n = std::min(chunk, geo.batch - b0);
+      const at::Tensor input_chunk = layout_copy::to_channels_last(input.narrow(0, b0, n));
+      if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
+      const BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
+                                                offset.const_data_ptr<scalar_t>(),
+                                                mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                                weight_rows.const_data_ptr<scalar_t>(),
+                                                grad_output.const_data_ptr<scalar_t>(),
+                                                b0,
+                                                n,
+                                                vector_grad_out,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
+                                                weight_rows_per_group,
+                                                !atomic_weight && b0 > 0,
+                                                0,
+                                                1};
+      // Weight-only launches for every output tile but the last, which the sampling launch takes.
+      const int weight_only = need_weight ? (need_sampling ? out_tiles - 1 : out_tiles) : 0;
+      for (int t = 0; t < weight_only; ++t) {
+        BackwardArgs<scalar_t> args = columns_only;
+        args.tile_begin = t;
+        launch(args);
+      }
+      if (need_sampling) {
+        BackwardArgs<scalar_t> args = columns_only;
+        args.grad_input = need_input ? grad_input_buffer.mutable_data_ptr<float>() : nullptr;
+        args.grad_offset = need_offset && direct ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr;
+        args.grad_mask = need_mask && direct ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
+        args.grad_offset_sum = offset_sum.defined() ? offset_sum.mutable_data_ptr<float>() : nullptr;
+        args.grad_mask_sum = mask_sum.defined() ? mask_sum.mutable_data_ptr<float>() : nullptr;
+        args.tile_count = out_tiles;
+        launch(args);
+      }
       if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
     }
     if (need_weight) {
-      auto rows = weight_part.sum(0);
-      grad_weight_rows = block_n == out_per_group ? rows : rows.narrow(1, 0, out_per_group).contiguous();
+      auto rows = atomic_weight ? weight_part : weight_part.sum(0);
+      grad_weight_rows = weight_rows_per_group == out_per_group ? rows : rows.narrow(1, 0, out_per_group).contiguous();
     }
   };
+  // One kernel per (BN, CH), and its tiled form for more than 128 output channels per group.
+  auto pick = [&](auto block_n, auto channels) {
+    constexpr int BN = decltype(block_n)::value;
+    constexpr int CH = decltype(channels)::value;
+    constexpr int bytes = sizeof(BackwardShared<D, BN, CH>);
+    if constexpr (BN == 128) {
+      if (out_per_group > BN) {
+        run(backward_kernel<D, BN, CH, true, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, true, scalar_t>());
+        return;
+      }
+    }
+    run(backward_kernel<D, BN, CH, false, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, false, scalar_t>());
+  };
+  using I64 = std::integral_constant<int, 64>;
+  using I128 = std::integral_constant<int, 128>;
+  using I32 = std::integral_constant<int, 32>;
   if (out_per_group > 64 && chunk_channels == 64) {
     if constexpr (D == 1) {  // only 1D takes it (chunk_channels above)
-      run(backward_kernel<D, 128, 64, scalar_t>, 128, sizeof(BackwardShared<D, 128, 64>),
-          backward_blocks_per_sm<D, 128, 64, scalar_t>());
+      pick(I128(), I64());
     } else {
       TORCH_CHECK(false, "dcnlab: internal error: 64-channel chunks with 128 output channels are 1-D only");
     }
   } else if (out_per_group > 64) {
-    run(backward_kernel<D, 128, 32, scalar_t>, 128, sizeof(BackwardShared<D, 128, 32>),
-        backward_blocks_per_sm<D, 128, 32, scalar_t>());
+    pick(I128(), I32());
   } else if (chunk_channels == 64) {
-    run(backward_kernel<D, 64, 64, scalar_t>, 64, sizeof(BackwardShared<D, 64, 64>),
-        backward_blocks_per_sm<D, 64, 64, scalar_t>());
+    pick(I64(), I64());
   } else {
-    run(backward_kernel<D, 64, 32, scalar_t>, 64, sizeof(BackwardShared<D, 64, 32>),
-        backward_blocks_per_sm<D, 64, 32, scalar_t>());
+    pick(I64(), I32());
   }
   if (offset_sum.defined()) grad_offset.copy_(offset_sum);
   if (mask_sum.defined()) grad_mask.copy_(mask_sum);

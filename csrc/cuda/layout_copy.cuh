@@ -3,7 +3,8 @@
 // contiguous memory. PyTorch's strided copy of a transpose (movedim(1, -1).contiguous()) reads
 // or writes with a stride of C or L elements; measured on H100 (docs/perf-notes.md, session 5) it
 // took 41 us for the 16.8 MB input of B8 C64 128x128 and 99 us for B32 C128 4096, a fifth to a
-// quarter of the whole fused forward; these kernels take 26 and 50 us there.
+// quarter of the whole fused forward; these kernels took 26 and 50 us there (and 19.8 and 37.7
+// us on H200 in session 6).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,25 +39,39 @@ __global__ void __launch_bounds__(kTile * kRowsPerPass)
   const int64_t c0 = static_cast<int64_t>(blockIdx.x % col_tiles) * kWide;
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
+  // Each thread issues all of its kPasses loads before it stores any of them (a loop over rows
+  // that stored each load before the next one took 24.4 instead of 19.8 us for B8 C64 128x128
+  // on H200).
+  constexpr int kPasses = kWide / kRowsPerPass;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const in_t* source = src + b * rows * cols;
     out_t* target = dst + b * rows * cols;
-    for (int i = ty; i < kWide; i += kRowsPerPass) {
-      const int64_t r = r0 + i;
-      const int64_t c = c0 + V * tx;
+    Run<in_t, V> runs[kPasses];
+    const int64_t c = c0 + V * tx;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int64_t r = r0 + ty + p * kRowsPerPass;
       if (r < rows && c < cols) {  // cols is a multiple of V: the run is whole
-        const Run<in_t, V> run = *reinterpret_cast<const Run<in_t, V>*>(source + r * cols + c);
-        for (int v = 0; v < V; ++v) tile[i][V * tx + v] = static_cast<stage_t>(run.v[v]);
+        runs[p] = *reinterpret_cast<const Run<in_t, V>*>(source + r * cols + c);
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int i = ty + p * kRowsPerPass;
+      if (r0 + i < rows && c < cols) {
+        for (int v = 0; v < V; ++v) tile[i][V * tx + v] = static_cast<stage_t>(runs[p].v[v]);
       }
     }
     __syncthreads();
-    for (int i = ty; i < kWide; i += kRowsPerPass) {
-      const int64_t c = c0 + i;
-      const int64_t r = r0 + V * tx;
-      if (r < rows && c < cols) {
+    const int64_t r = r0 + V * tx;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int i = ty + p * kRowsPerPass;
+      const int64_t column = c0 + i;
+      if (r < rows && column < cols) {
         Run<out_t, V> run;
         for (int v = 0; v < V; ++v) run.v[v] = static_cast<out_t>(tile[V * tx + v][i]);
-        *reinterpret_cast<Run<out_t, V>*>(target + c * rows + r) = run;
+        *reinterpret_cast<Run<out_t, V>*>(target + column * rows + r) = run;
       }
     }
     __syncthreads();
