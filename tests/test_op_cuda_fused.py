@@ -63,6 +63,13 @@ def fused_forward_backward(case) -> None:
     deform_conv(*leaves.args()).sum().backward()
 
 
+def check_fused_backward(case, dtype) -> None:
+    """The case against the float64 reference, and that its backward ran the fused kernel."""
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+
+
 # L = prod(out_size) a multiple of 8 takes the backward's 16-byte grad-output copies. The backward
 # works on chunks of 64 channels where C_in/groups, C_in/offset_groups are multiples of 64 and
 # C_out/groups <= 64 (<= 128 in 1D), else 32; an offset group of one chunk gets its offset and mask
@@ -84,9 +91,7 @@ def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, co
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
     case = make_case(dims, seed=20 + config, **config_for(dims, VECTOR_CONFIGS[config]))
     assert math.prod(case.out_size) % 8 == 0
-    check_against_reference(case, dtype)
-    cuda_case = case.to(dtype=dtype, device="cuda")
-    assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+    check_fused_backward(case, dtype)
 
 
 @pytest.mark.parametrize("channels, fused", [(64, True), (128, True), (256, False)])
@@ -112,10 +117,7 @@ WIDE_CONFIGS = [
 @pytest.mark.parametrize("config", range(len(WIDE_CONFIGS)))
 def test_fused_backward_over_several_output_tiles_matches_reference(dims, dtype, config, monkeypatch):
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
-    case = make_case(dims, seed=30 + config, **config_for(dims, WIDE_CONFIGS[config]))
-    check_against_reference(case, dtype)
-    cuda_case = case.to(dtype=dtype, device="cuda")
-    assert any("backward_kernel" in name for name in kernel_names(lambda: fused_forward_backward(cuda_case)))
+    check_fused_backward(make_case(dims, seed=30 + config, **config_for(dims, WIDE_CONFIGS[config])), dtype)
 
 
 # 1-D forward: a contiguous input is read through per-tile windows in shared memory (corners
