@@ -244,9 +244,10 @@ struct alignas(128) ForwardShared {
 
 // The 1-D input window of a tile (kWindow): positions [lo, lo + length) of the tile's first
 // sample, lo = the first row's origin - margin, in shared memory past ForwardShared as
-// (position, channel of the block's group) rows of `ld` elements. `length` covers every corner
-// of the tile's rows at offsets within +-margin; corners outside it (other offsets, rows of the
-// next sample) are read from the input in global memory.
+// (position, channel of the block's group) rows of `ld` elements, and one row of zeros after
+// them (corners outside the input). `length` covers every corner of the tile's rows at offsets
+// within +-margin; corners outside it (other offsets, rows of the next sample) are read from the
+// input in global memory.
 struct Window {
   int64_t length;
   int64_t margin;
@@ -256,14 +257,18 @@ struct Window {
 // Input window rows: C_in/G channels + 8 (16-byte aligned rows for the 16-byte corner reads).
 inline int window_ld(int64_t in_per_group) { return static_cast<int>(in_per_group) + 8; }
 
+// Shared memory of the window and its zero row.
+inline int window_bytes(const Window& window) { return static_cast<int>(window.length + 1) * window.ld * 2; }
+
 // Tiles: BM output positions x BN output channels; 8 warps as (BM / 32) x (8 / (BM / 32)), each
 // warp 32 rows x BN / (8 / (BM / 32)) columns.
 //
 // kWindow (1-D only): `input` is the op's (B, C_in, L_in) input as it is, not a channels-last
 // copy; each block first copies its window (see Window) into shared memory, and the stencils
-// point into it. Measured on H200 (docs/perf-notes.md, session 6): the kernel takes 285 us
-// against 261 us for the channels-last kernel plus 38 us for the copy it needs (B32 C128 4096
-// k9), 133 against 124 + 20 us (C64), and the forward holds no copy of the input.
+// point into it (as byte offsets in shared memory: 16-byte LDS, a zero row for corners outside
+// the input). Measured on H200 (docs/perf-notes.md, session 6): the kernel takes 276 us against
+// 262 us for the channels-last kernel plus 38 us for the copy it needs (B32 C128 4096 k9), 128
+// against 125 + 20 us (C64), and the forward holds no copy of the input.
 template <int D, int BM, int BN, bool kWindow, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
@@ -391,6 +396,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
     }
+    for (int c = tid; c < in_per_group; c += kThreads) window_rows[window.length * window.ld + c] = 0;
   }
   auto build = [&](const Cursor& c, int buffer) {
     ForwardPoints<D, BM, scalar_t>& points = smem.points[buffer];
@@ -415,17 +421,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       float weight;
       const bool inside = stencil_corner(low, frac, geo.in_size, in_range, corner, index, weight);
       if constexpr (kWindow) {
-        // The window (shared memory, through a generic pointer), or the input's channel-0 element
-        // of the group at this position, tagged by bit 0 (16-bit elements leave it free).
+        // Not a pointer here: the byte offset of the corner's row in the block's shared memory
+        // (the window, or its zero row outside the input), or -1 - the input element index of
+        // the group's channel 0 at this position (outside the window).
         const int64_t p = index - window_lo;
+        int64_t code;
         if (!inside) {
-          points.source[corner][tid] = zeros;
+          code = static_cast<int64_t>(sizeof(Shared)) + window.length * window.ld * 2;
         } else if (sample == window_sample && p >= 0 && p < window.length) {
-          points.source[corner][tid] = reinterpret_cast<const scalar_t*>(window_rows + p * window.ld);
+          code = static_cast<int64_t>(sizeof(Shared)) + p * window.ld * 2;
         } else {
-          const scalar_t* element = input + (sample * C + static_cast<int64_t>(g) * in_per_group) * geo.in_size[0] + index;
-          points.source[corner][tid] = reinterpret_cast<const scalar_t*>(reinterpret_cast<uintptr_t>(element) | 1u);
+          code = -1 - ((sample * C + static_cast<int64_t>(g) * in_per_group) * geo.in_size[0] + index);
         }
+        points.source[corner][tid] = reinterpret_cast<const scalar_t*>(static_cast<intptr_t>(code));
       } else {
         points.source[corner][tid] = inside ? group_input + (sample_base + index) * C : zeros;
       }
@@ -490,17 +498,18 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int corner = 0; corner < kCorners; ++corner) {
           const scalar_t* source = points.source[corner][row];
           if constexpr (kWindow) {
-            const uintptr_t tagged = reinterpret_cast<uintptr_t>(source);
-            if (tagged & 1u) {  // outside the window: 8 channels, a channel plane apart
-              const uint16_t* element = reinterpret_cast<const uint16_t*>(tagged - 1u) + channel * geo.in_size[0];
+            const int64_t code = static_cast<int64_t>(reinterpret_cast<intptr_t>(source));
+            if (code >= 0) {  // the window or its zero row
+              corners[corner] = *reinterpret_cast<const uint4*>(forward_shared + code + channel * 2);
+            } else {  // outside the window: 8 channels, a channel plane apart
+              const uint16_t* element =
+                  reinterpret_cast<const uint16_t*>(input) + (-1 - code) + channel * geo.in_size[0];
               unsigned words[4];
               for (int w = 0; w < 4; ++w) {
                 words[w] = unsigned(__ldg(element + (2 * w) * geo.in_size[0])) |
                            (unsigned(__ldg(element + (2 * w + 1) * geo.in_size[0])) << 16);
               }
               corners[corner] = make_uint4(words[0], words[1], words[2], words[3]);
-            } else {  // the window or the zero page: a generic 16-byte load
-              corners[corner] = *reinterpret_cast<const uint4*>(source + channel);
             }
           } else {
             corners[corner] = __ldg(reinterpret_cast<const uint4*>(source + channel));
@@ -636,7 +645,8 @@ Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int sha
         (rows - 1) * geo.stride[0] + (geo.kernel[0] - 1) * geo.dilation[0] + 2 + 2 * kMargin;
     const int ld = window_ld(geo.in_channels / geo.groups);
     const int64_t budget = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor / 2 - 1024;
-    if (shared_bytes + length * ld * 2 <= budget && geo.in_size[0] < (int64_t(1) << 31)) window = {length, kMargin, ld};
+    const Window candidate{length, kMargin, ld};
+    if (shared_bytes + window_bytes(candidate) <= budget && geo.in_size[0] < (int64_t(1) << 31)) window = candidate;
   }
   return window;
 }
@@ -658,16 +668,16 @@ void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t
     if constexpr (D == 1) {
       if (window.length > 0) {
         constexpr auto kernel = forward_kernel<D, BM, BN, true, scalar_t>;
-        const int window_bytes = bytes + static_cast<int>(window.length) * window.ld * 2;
+        const int shared = bytes + window_bytes(window);
         // The attribute is set per device for the largest window asked for there.
         constexpr int kMaxDevices = 64;
         static std::atomic<int> opted[kMaxDevices] = {};
         const int device = at::cuda::current_device();
-        if (device >= kMaxDevices || window_bytes > opted[device].load()) {
-          AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, window_bytes));
-          if (device < kMaxDevices) opted[device].store(window_bytes);
+        if (device >= kMaxDevices || shared > opted[device].load()) {
+          AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+          if (device < kMaxDevices) opted[device].store(shared);
         }
-        kernel<<<grid, kThreads, window_bytes, stream>>>(geo, input.const_data_ptr<scalar_t>(), offset, mask,
+        kernel<<<grid, kThreads, shared, stream>>>(geo, input.const_data_ptr<scalar_t>(), offset, mask,
                                                          weight_rows, bias, output, window);
         return;
       }
