@@ -75,6 +75,11 @@ def test_train_then_eval_gives_the_same_test_metrics_and_resume_continues(tmp_pa
     train(_config("train", resumed, [*overrides[1:], "trainer.max_epochs=3", f"ckpt_path={last}"]))
     state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 2 and state["global_step"] == steps * 3 // 2
+    # The cosine schedule follows the new max_epochs (its T_max), its progress the checkpoint's.
+    (scheduler,) = state["lr_schedulers"]
+    previous = torch.load(last, map_location="cpu", weights_only=False)["lr_schedulers"][0]
+    assert previous["T_max"] == 2 and scheduler["T_max"] == 3
+    assert scheduler["last_epoch"] == previous["last_epoch"] + 1
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

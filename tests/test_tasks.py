@@ -1,5 +1,6 @@
 """dcnlab.tasks: the classification and segmentation LightningModules, trained on toy data."""
 
+import copy
 import functools
 
 import lightning as L
@@ -80,6 +81,33 @@ def test_optimizer_and_scheduler_factories_are_used():
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_resume_takes_the_schedule_of_the_current_config():
+    # A checkpoint at the end of a 2-epoch cosine (learning rate 0), resumed with T_max = 4: the
+    # scheduler state and the learning rate become those of a 4-epoch run after 2 epochs.
+    def task(epochs: int) -> ClassificationTask:
+        cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)
+        return ClassificationTask(nn.Linear(4, 2), 2, functools.partial(torch.optim.SGD, lr=0.1), cosine)
+
+    saved = task(2).configure_optimizers()
+    for _ in range(2):
+        saved["optimizer"].step()
+        saved["lr_scheduler"]["scheduler"].step()
+    checkpoint = {
+        "optimizer_states": [saved["optimizer"].state_dict()],
+        "lr_schedulers": [saved["lr_scheduler"]["scheduler"].state_dict()],
+    }
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    task(4).on_load_checkpoint(checkpoint)
+    (state,), (optimizer,) = checkpoint["lr_schedulers"], checkpoint["optimizer_states"]
+    assert state["T_max"] == 4 and state["last_epoch"] == 2
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.05) == state["_last_lr"][0]
+    # The same config gives back what was saved.
+    unchanged = copy.deepcopy(checkpoint)
+    task(4).on_load_checkpoint(unchanged)
+    assert unchanged["lr_schedulers"][0] == state
+    assert unchanged["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.05)
 
 
 def test_default_optimizer_is_adamw():

@@ -70,6 +70,33 @@ class Task(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self.predictions(self(batch[0]))
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """On resume, the learning-rate schedule is this run's: its scheduler is rebuilt from the
+        config and stepped to the checkpoint's epoch, and its state and learning rate replace the
+        saved ones. With an unchanged config that is what was saved; with a larger
+        trainer.max_epochs the cosine's T_max follows it, so a resumed run takes the learning rate a
+        run of the new length has at that epoch (instead of running past the end of the old cycle)."""
+        schedulers = checkpoint.get("lr_schedulers")
+        optimizers = checkpoint.get("optimizer_states")
+        if self.scheduler_factory is None or not schedulers or not optimizers:
+            return
+        state, groups = schedulers[0], optimizers[0].get("param_groups", [])
+        if "base_lrs" not in state or "last_epoch" not in state or len(groups) != len(state["base_lrs"]):
+            return
+        probe = torch.optim.SGD(
+            [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in state["base_lrs"]]
+        )
+        scheduler = self.scheduler_factory(probe)
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            return
+        for _ in range(state["last_epoch"]):
+            probe.step()  # no gradients: changes nothing, but orders the calls as the scheduler expects
+            scheduler.step()
+        state.clear()
+        state.update(scheduler.state_dict())
+        for group, lr in zip(groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+
     def configure_optimizers(self):
         optimizer = (
             self.optimizer_factory(self.parameters())
