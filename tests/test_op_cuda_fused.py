@@ -126,7 +126,7 @@ def test_fused_backward_over_several_output_tiles_matches_reference(dims, dtype,
 WINDOW_CONFIGS = [
     dict(in_channels=64, out_channels=64, kernel=9, padding=4, in_size=300),
     dict(in_channels=64, out_channels=96, kernel=9, padding=4, stride=2, in_size=300, offset_scale=20.0),
-    dict(in_channels=32, out_channels=160, kernel=3, padding=1, in_size=200, offset_groups=1),
+    dict(in_channels=32, out_channels=160, kernel=3, padding=1, in_size=202, offset_groups=1),
     dict(in_channels=32, out_channels=32, kernel=9, padding=600, dilation=150, in_size=300),
 ]
 
