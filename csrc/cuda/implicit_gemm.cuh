@@ -309,8 +309,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int chunks = in_per_group / kBK;
   const int steps = K * chunks;
 
-  // Thread tid < BM builds the stencils of tile row tid: its sample, position and origin.
-  const bool row_valid = tid < BM && m0 + tid < M;
+  // Thread tid < BM keeps tile row tid's sample, position and origin in shared memory. The
+  // stencils of a row are built by kThreads / BM threads (all warps), each for a share of the
+  // corners. Measured on H200 (docs/perf-notes.md, session 6) against warps 0..BM/32-1 building
+  // whole stencils while the others waited at the step's barrier: kernel 164.9 -> 162.0 us
+  // (B8 C64 128x128), 663.5 -> 641.5 (B4 C64 32^3), 1656 -> 1539 (B2 C32 64^3), 1-D unchanged.
+  constexpr int kParts = kThreads / BM;
+  constexpr int kPartCorners = kCorners / kParts > 0 ? kCorners / kParts : 1;
+  const int build_row = tid % BM;
+  const int build_part = tid / BM;
+  const bool builds = build_part < kParts && build_part * kPartCorners < kCorners;
+  const bool row_valid = m0 + build_row < M;
   if (tid < BM) {
     int64_t b = 0, l = 0, origin[D] = {};
     if (row_valid) {
@@ -322,6 +331,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     smem.row_position[tid] = l;
     for (int a = 0; a < D; ++a) smem.row_origin[a][tid] = origin[a];
   }
+  if constexpr (kParts > 1) __syncthreads();  // the other parts read the row data
 
   // Steps run over (kernel point k, chunk of kBK channels); a stencil set is one (k, offset
   // group), which changes with k and where a group's channels span several offset groups. The
@@ -357,8 +367,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   float raw[D + 1] = {};  // offsets and modulation of this row at the next set to build
   auto load_raw = [&](const Cursor& c) {
     if (!row_valid || c.step >= steps) return;
-    const int64_t l = smem.row_position[tid];
-    const int64_t row = (smem.row_sample[tid] * geo.offset_groups + c.og) * K + c.k;
+    const int64_t l = smem.row_position[build_row];
+    const int64_t row = (smem.row_sample[build_row] * geo.offset_groups + c.og) * K + c.k;
     for (int a = 0; a < D; ++a) raw[a] = static_cast<float>(offset[(row * D + a) * L + l]);
     raw[D] = mask ? static_cast<float>(mask[row * L + l]) : 1.0f;
   };
@@ -406,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (row_valid) {
       int64_t origin[D], displacement[D];
       for (int a = 0; a < D; ++a) {
-        origin[a] = smem.row_origin[a][tid];
+        origin[a] = smem.row_origin[a][build_row];
         displacement[a] = c.coord[a] * geo.dilation[a];
       }
       float pos[D];
@@ -414,9 +424,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       in_range = stencil_cell(pos, geo.in_size, low, frac);
     }
     const float modulation = row_valid ? raw[D] : 0.0f;
-    const int64_t sample = smem.row_sample[tid];
+    const int64_t sample = smem.row_sample[build_row];
     const int64_t sample_base = sample * geo.in_plane;
-    for (int corner = 0; corner < kCorners; ++corner) {
+#pragma unroll
+    for (int part_corner = 0; part_corner < kPartCorners; ++part_corner) {
+      const int corner = build_part * kPartCorners + part_corner;
       int64_t index;
       float weight;
       const bool inside = stencil_corner(low, frac, geo.in_size, in_range, corner, index, weight);
@@ -433,23 +445,23 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           code = -1 - ((sample * C + static_cast<int64_t>(g) * in_per_group) * geo.in_size[0] + index);
         }
-        points.source[corner][tid] = reinterpret_cast<const scalar_t*>(static_cast<intptr_t>(code));
+        points.source[corner][build_row] = reinterpret_cast<const scalar_t*>(static_cast<intptr_t>(code));
       } else {
-        points.source[corner][tid] = inside ? group_input + (sample_base + index) * C : zeros;
+        points.source[corner][build_row] = inside ? group_input + (sample_base + index) * C : zeros;
       }
       // Outside corners read zeros; their weight is only the modulation, so that a non-finite
       // mask still gives what the other paths give (modulation * 0).
-      points.weight[corner][tid] = modulation * (inside ? weight : 1.0f);
+      points.weight[corner][build_row] = modulation * (inside ? weight : 1.0f);
     }
   };
 
   int buffer = 0;
-  if (tid < BM) {
+  if (builds) {
     load_raw(next);
     build(next, 0);
   }
   advance(next);  // the set built next
-  if (tid < BM) load_raw(next);
+  if (builds) load_raw(next);
   __syncthreads();
 
   // Weight slice copies: this thread's sources (at k = 0, c0 = 0) and targets.
@@ -528,9 +540,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     // previous barrier), and the set after it prefetched.
     const bool switching = s + 1 == next.step;
     if (switching) {
-      if (tid < BM) build(next, buffer ^ 1);
+      if (builds) build(next, buffer ^ 1);
       advance(next);
-      if (tid < BM) load_raw(next);
+      if (builds) load_raw(next);
     }
     copy_async_wait_all();
     __syncthreads();
