@@ -7,6 +7,7 @@ run (past 128 channels per group too). A profiler check makes sure
 each test runs the path it names. All tests carry the `gpu` marker.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -143,6 +144,47 @@ def test_fused_1d_forward_reads_any_input_layout_alike(dtype, config, monkeypatc
     assert channels_last.input.transpose(1, 2).is_contiguous()
     # The same stencils and the same order of operations: equal bit for bit.
     torch.testing.assert_close(deform_conv(*channels_last.args()), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride, dilation, padding", [(33818640, 1, 0), (1, 2**30, 2**30)])
+def test_fused_1d_forward_with_huge_stride_or_dilation(stride, dilation, padding, monkeypatch):
+    # The input window would span ~2^32 positions: the forward must not take it (its size was
+    # once narrowed to 32 bits before the shared-memory check), and reads channels-last instead.
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    kernel = 1 if dilation == 1 else 3
+    case = make_case(
+        1,
+        batch=1,
+        in_channels=32,
+        out_channels=32,
+        in_size=2,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        seed=50,
+    )
+    check_against_reference(case, torch.bfloat16)
+
+
+def test_fused_backward_of_a_misaligned_input_whose_samples_are_channels_last():
+    # (2, 64, 40000) over a channels-last buffer with a padded batch stride, 2 bytes off a 16-byte
+    # boundary: the input as a whole is not channels-last (so no alignment check applies to it),
+    # but each one-sample chunk of the backward is; such a chunk must be copied, not read in place.
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    storage = torch.randn(2 * 40001 * 64 + 1, device="cuda", generator=generator).to(torch.bfloat16)
+    misaligned = storage[1:].view(2, 40001, 64)[:, :40000].movedim(-1, 1)
+    assert misaligned.data_ptr() % 16 != 0 and not misaligned.movedim(1, -1).is_contiguous()
+    case = make_case(1, batch=2, in_channels=64, out_channels=64, in_size=40000, padding=1, seed=51)
+    case = dataclasses.replace(case.to(dtype=torch.bfloat16, device="cuda"), input=misaligned)
+    grad_output = random_grad_output(case)
+    leaves = case.leaves().tensors()
+    leaves["input"] = misaligned.detach().requires_grad_()  # leaves() would clone it contiguous
+    output = deform_conv(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], 1, 1, 1, leaves["mask"])
+    grads = torch.autograd.grad(output, list(leaves.values()), grad_output)
+    _, expected = run_with_grads(deform_conv, dataclasses.replace(case, input=misaligned.contiguous()), grad_output)
+    for name, grad in zip(leaves, grads, strict=True):
+        assert_close_to_scale(grad, expected[name], 1e-2, f"grad {name}")
 
 
 @pytest.mark.parametrize("out_channels", [32, 300])

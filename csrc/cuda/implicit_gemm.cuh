@@ -258,7 +258,13 @@ struct Window {
 inline int window_ld(int64_t in_per_group) { return static_cast<int>(in_per_group) + 8; }
 
 // Shared memory of the window and its zero row.
-inline int window_bytes(const Window& window) { return static_cast<int>(window.length + 1) * window.ld * 2; }
+inline int64_t window_bytes(const Window& window) { return (window.length + 1) * window.ld * 2; }
+
+// Dynamic shared memory a block may have with the window: half an SM's (two blocks per SM).
+inline int64_t window_budget() {
+  const auto* properties = at::cuda::getCurrentDeviceProperties();
+  return std::min<int64_t>(properties->sharedMemPerMultiprocessor / 2 - 1024, properties->sharedMemPerBlockOptin);
+}
 
 // Tiles: BM output positions x BN output channels; 8 warps as (BM / 32) x (8 / (BM / 32)), each
 // warp 32 rows x BN / (8 / (BM / 32)) columns.
@@ -656,9 +662,12 @@ Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int sha
     const int64_t length =
         (rows - 1) * geo.stride[0] + (geo.kernel[0] - 1) * geo.dilation[0] + 2 + 2 * kMargin;
     const int ld = window_ld(geo.in_channels / geo.groups);
-    const int64_t budget = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor / 2 - 1024;
+    // length grows with stride and dilation (up to ~2^62): compared in 64 bits, before any narrowing.
     const Window candidate{length, kMargin, ld};
-    if (shared_bytes + window_bytes(candidate) <= budget && geo.in_size[0] < (int64_t(1) << 31)) window = candidate;
+    if (length < (int64_t(1) << 20) && shared_bytes + window_bytes(candidate) <= window_budget() &&
+        geo.in_size[0] < (int64_t(1) << 31)) {
+      window = candidate;
+    }
   }
   return window;
 }
@@ -680,15 +689,10 @@ void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t
     if constexpr (D == 1) {
       if (window.length > 0) {
         constexpr auto kernel = forward_kernel<D, BM, BN, true, scalar_t>;
-        const int shared = bytes + window_bytes(window);
-        // The attribute is set per device for the largest window asked for there.
-        constexpr int kMaxDevices = 64;
-        static std::atomic<int> opted[kMaxDevices] = {};
-        const int device = at::cuda::current_device();
-        if (device >= kMaxDevices || shared > opted[device].load()) {
-          AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-          if (device < kMaxDevices) opted[device].store(shared);
-        }
+        const int shared = bytes + static_cast<int>(window_bytes(window));  // <= window_budget()
+        // The kernel may use up to the budget on this device: set once per device, with the same
+        // value whichever thread gets there first.
+        opt_in_shared_memory<kernel>(static_cast<int>(window_budget()));
         kernel<<<grid, kThreads, shared, stream>>>(geo, input.const_data_ptr<scalar_t>(), offset, mask,
                                                          weight_rows, bias, output, window);
         return;

@@ -563,7 +563,10 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     };
     for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
       const int64_t n = std::min(chunk, geo.batch - b0);
-      const at::Tensor input_chunk = layout_copy::to_channels_last(input.narrow(0, b0, n));
+      at::Tensor input_chunk = layout_copy::to_channels_last(input.narrow(0, b0, n));
+      // A view of a channels-last chunk keeps the caller's pointer (fusable() checks it for the
+      // whole input only: a one-sample chunk can be channels-last where the input is not).
+      if (reinterpret_cast<uintptr_t>(input_chunk.const_data_ptr()) % 16 != 0) input_chunk = input_chunk.clone();
       if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
       const BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
                                                 offset.const_data_ptr<scalar_t>(),
