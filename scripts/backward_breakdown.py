@@ -1,6 +1,6 @@
 """Time of the CUDA backward op per requested gradient subset and path (bf16).
 
-    python3 scripts/backward_breakdown.py [--repeats 20]
+    python3 scripts/backward_breakdown.py [--repeats 20] [--wide]
 
 For each shape, calls torch.ops.dcnlab.deform_conv_backward with output masks that ask for all
 gradients, only the weight's, only the input's, or only the offset's and mask's, under
@@ -20,6 +20,8 @@ import torch
 import dcnlab.ops  # noqa: F401  (registers the op)
 
 SHAPES = [(8, 64, (128, 128), 3), (4, 64, (32, 32, 32), 3), (2, 32, (64, 64, 64), 3), (32, 128, (4096,), 9)]
+# More than 128 channels per group: the per-shape pick runs im2col for these (fused only when forced).
+WIDE_SHAPES = [(32, 256, (28, 28), 3), (32, 512, (14, 14), 3), (4, 256, (100, 168), 3)]
 SUBSETS = {
     "all": [True] * 5,
     "weight": [False, False, True, False, False],
@@ -70,11 +72,12 @@ def shape_rows(batch: int, channels: int, spatial: tuple, kernel: int, repeats: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--wide", action="store_true", help="the three wide 2D benchmark shapes instead")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, bf16, median of {args.repeats} (ms)\n")
     print("| shape | path | forward | " + " | ".join(f"backward: {name}" for name in SUBSETS) + " |")
     print("|---|---|---|" + "---|" * len(SUBSETS))
-    for shape in SHAPES:
+    for shape in WIDE_SHAPES if args.wide else SHAPES:
         for line in shape_rows(*shape, repeats=args.repeats):
             print(line)
     os.environ.pop("DCNLAB_CUDA_PATH", None)

@@ -138,8 +138,7 @@ __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (
 }
 
 template <int D, int V, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    sample_columns_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
+__device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, scalar_t* __restrict__ columns) {
   using coord_t = at::opmath_type<scalar_t>;
@@ -171,8 +170,7 @@ __global__ void __launch_bounds__(kThreads)
 // the team's lanes hit consecutive channels, so they coalesce). It can also write the sampled
 // columns, which it computes anyway, for the weight gradient.
 template <int D, int V, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    sampling_grads_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
+__device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, const at::opmath_type<scalar_t>* __restrict__ grad_columns,
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
@@ -249,6 +247,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernels of the two bodies above, with and without a register cap. The cap (blocks per SM
+// the compiler must fit) pays where the kernels are latency-bound and occupancy is limited by
+// registers. Measured for bf16 2D on H200 (docs/perf-notes.md, session 7): sample_columns 74 -> 64
+// registers (4 blocks per SM, 36 bytes of spill), sampling_grads 98 -> 80 (3 blocks, 56 bytes):
+// B32 C256 28x28 159 -> 131 and 430 -> 364 us, its fwd+bwd GPU time -10%; 4 blocks for
+// sampling_grads (64 registers) were slower than none. 1D and 3D (150-430 bytes of spill) and fp32/fp64
+// (not measured) keep the compiler's default.
+template <int D, typename scalar_t>
+constexpr bool capped_sampling() {
+  return D == 2 && sizeof(scalar_t) == 2;
+}
+
+#define DCNLAB_SAMPLING_PARAMS                                                                               \
+  const ConvGeometry<D> geo, const scalar_t *__restrict__ input, const scalar_t *__restrict__ offset,     \
+      const scalar_t *__restrict__ mask, int64_t b0, int64_t n, int shift
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sample_columns_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
+  sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
+}
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 4)
+    sample_columns_capped_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
+  sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
+}
+#define DCNLAB_GRADS_PARAMS                                                                                    \
+  DCNLAB_SAMPLING_PARAMS, const at::opmath_type<scalar_t>*__restrict__ grad_columns, scalar_t *__restrict__ grad_offset, \
+      scalar_t *__restrict__ grad_mask, at::opmath_type<scalar_t> *__restrict__ grad_input, scalar_t *__restrict__ columns
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sampling_grads_kernel(DCNLAB_GRADS_PARAMS) {
+  sampling_grads_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
+                                      grad_input, columns);
+}
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNLAB_GRADS_PARAMS) {
+  sampling_grads_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
+                                      grad_input, columns);
+}
+#undef DCNLAB_GRADS_PARAMS
+#undef DCNLAB_SAMPLING_PARAMS
+
 // Channels-last (kChannelsLast and its copies from layout_copy.cuh).
 struct CudaSampler : layout_copy::ChannelsLast {
   template <typename scalar_t>
@@ -301,12 +339,14 @@ struct CudaSampler : layout_copy::ChannelsLast {
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
     constexpr int kPack = 16 / sizeof(scalar_t);
     const auto l = launch_over_points(geo, n, kPack, {input, columns});
-    if (l.pack == kPack) {
-      sample_columns_kernel<D, kPack, scalar_t>
-          <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    auto launch = [&](auto kernel) {
+      kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+    };
+    if constexpr (capped_sampling<D, scalar_t>()) {
+      l.pack == kPack ? launch(sample_columns_capped_kernel<D, kPack, scalar_t>)
+                      : launch(sample_columns_capped_kernel<D, 1, scalar_t>);
     } else {
-      sample_columns_kernel<D, 1, scalar_t>
-          <<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
+      l.pack == kPack ? launch(sample_columns_kernel<D, kPack, scalar_t>) : launch(sample_columns_kernel<D, 1, scalar_t>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -319,12 +359,15 @@ struct CudaSampler : layout_copy::ChannelsLast {
     // Packs of 16 bytes of the fp32 (fp64) gradients, so that each atomic is one vector add.
     constexpr int kPack = 16 / sizeof(at::opmath_type<scalar_t>);
     const auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
-    if (l.pack == kPack) {
-      sampling_grads_kernel<D, kPack, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
-          geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset, grad_mask, grad_input, columns);
+    auto launch = [&](auto kernel) {
+      kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset,
+                                                grad_mask, grad_input, columns);
+    };
+    if constexpr (capped_sampling<D, scalar_t>()) {
+      l.pack == kPack ? launch(sampling_grads_capped_kernel<D, kPack, scalar_t>)
+                      : launch(sampling_grads_capped_kernel<D, 1, scalar_t>);
     } else {
-      sampling_grads_kernel<D, 1, scalar_t><<<l.grid, kThreads, 0, l.stream>>>(
-          geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset, grad_mask, grad_input, columns);
+      l.pack == kPack ? launch(sampling_grads_kernel<D, kPack, scalar_t>) : launch(sampling_grads_kernel<D, 1, scalar_t>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
