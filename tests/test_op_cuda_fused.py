@@ -59,6 +59,22 @@ def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, pat
     assert any("implicit_gemm" in name and "backward_kernel" in name for name in names) == (path == "fused"), names
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("in_channels", [32, 6])  # 16-byte packs, single channels
+def test_im2col_sampling_kernels_are_register_capped_only_for_2d_half_types(dims, dtype, in_channels, monkeypatch):
+    """The capped variants (more blocks per SM, measured for 2D half types) run exactly there."""
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    case = make_case(dims, seed=3, in_channels=in_channels, out_channels=8, padding=1, offset_groups=2)
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    names = kernel_names(lambda: fused_forward_backward(cuda_case))
+    capped = dims == 2 and dtype != torch.float32
+    for kernel in ("sample_columns", "sampling_grads"):
+        assert any(f"{kernel}_capped_kernel" in name for name in names) == capped, names
+        assert any(f"{kernel}_kernel" in name for name in names) == (not capped), names
+
+
 def fused_forward_backward(case) -> None:
     leaves = case.leaves()
     deform_conv(*leaves.args()).sum().backward()

@@ -252,8 +252,8 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
 // registers. Measured for bf16 2D on H200 (docs/perf-notes.md, session 7): sample_columns 74 -> 64
 // registers (4 blocks per SM, 36 bytes of spill), sampling_grads 98 -> 80 (3 blocks, 56 bytes):
 // B32 C256 28x28 159 -> 131 and 430 -> 364 us, its fwd+bwd GPU time -10%; 4 blocks for
-// sampling_grads (64 registers) were slower than none. 1D and 3D (150-430 bytes of spill) and fp32/fp64
-// (not measured) keep the compiler's default.
+// sampling_grads (64 registers) were slower than none. 3D (it would spill 150-430 bytes), 1D and
+// fp32/fp64 (not measured) keep the compiler's default.
 template <int D, typename scalar_t>
 constexpr bool capped_sampling() {
   return D == 2 && sizeof(scalar_t) == 2;
