@@ -16,10 +16,14 @@
 // grad_input, grad_offset, grad_mask, grad_weight_rows) for the backward (need: input, offset,
 // mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath; its
 // input likewise the op's);
-// plus `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
+// plus bias_grad(grad_output), the sum of a contiguous (B, C_out, *out) grad output over all but
+// its channel dim in its dtype (accumulated in opmath, deterministic),
+// `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts (a
 // channels-last backend also supplies to_channels_last(input), the (B, *in, C_in) copy of an input,
-// and from_channels_last(target, buffer), which writes (n, *in, C_in) as (n, C_in, *in) with a cast):
+// from_channels_last(target, buffer), which writes (n, *in, C_in) as (n, C_in, *in) with a cast,
+// transpose(src, dst, batch, rows, cols), dst (batch, cols, rows) <- src (batch, rows, cols) with
+// a cast (false: not done), and swap_rows(src, dst, I, J, run), dst (J, I, run) <- src (I, J, run)):
 //
 //   kChannelsLast = false: input (B, C_in, *in); columns (G, R, n*L) with row r = c*K + k, the
 //       weight's own order; grad_input buffer (n, C_in, *in).
@@ -104,17 +108,57 @@ struct Layout {
   at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType dtype) const {
     const auto w = weight.to(dtype);
     if (!channels_last) return w.reshape({groups, out_per_group, rows_per_group});
+    if constexpr (channels_last) {
+      auto rows = at::empty({groups, out_per_group, rows_per_group}, w.options());
+      if (Sampler::transpose(w.contiguous(), rows, groups * out_per_group, in_per_group, kernel_points)) return rows;
+    }
     return w.reshape({groups, out_per_group, in_per_group, kernel_points}).transpose(2, 3).reshape(
         {groups, out_per_group, rows_per_group});
   }
 
-  // The weight gradient from its (G, C_out/G, R) rows, in the weight's shape and dtype: one
-  // copy that reorders and casts together.
+  // The weight gradient from its contiguous (G, C_out/G, R) rows, in the weight's shape and dtype:
+  // one copy that reorders and casts together.
   at::Tensor weight_from_rows(const at::Tensor& rows, const at::Tensor& weight) const {
     if (!channels_last) return rows.reshape(weight.sizes()).to(weight.scalar_type());
     auto result = at::empty({groups, out_per_group, in_per_group, kernel_points}, weight.options());
+    if constexpr (channels_last) {
+      const int64_t out_channels = groups * out_per_group;
+      if (rows.is_contiguous() && Sampler::transpose(rows, result, out_channels, kernel_points, in_per_group)) {
+        return result.view(weight.sizes());
+      }
+    }
     result.copy_(rows.view({groups, out_per_group, kernel_points, in_per_group}).transpose(2, 3));
     return result.view(weight.sizes());
+  }
+
+  // Writes the chunk's GEMM result (G, C_out/G, n*L) into samples [b0, b0 + n) of the contiguous
+  // output (B, C_out, *out).
+  void store_output(at::Tensor& output, int64_t b0, int64_t n, int64_t out_plane, const at::Tensor& result) const {
+    auto target = output.narrow(0, b0, n);
+    if constexpr (channels_last) {
+      Sampler::swap_rows(result, target, groups * out_per_group, n, out_plane);
+    } else {
+      target.view({n, groups, out_per_group, out_plane})
+          .copy_(result.view({groups, out_per_group, n, out_plane}).permute({2, 0, 1, 3}));
+    }
+  }
+
+  // Samples [b0, b0 + n) of the contiguous grad output (B, C_out, *out) as the (G, C_out/G, n*L)
+  // matrix of the GEMMs, in `dtype`.
+  at::Tensor grad_out_rows(const at::Tensor& grad_output, int64_t b0, int64_t n, int64_t out_plane,
+                           at::ScalarType dtype) const {
+    const auto chunk = grad_output.narrow(0, b0, n);
+    if constexpr (channels_last) {
+      if (n > 1 && chunk.scalar_type() == dtype) {
+        auto rows = at::empty({groups, out_per_group, n * out_plane}, chunk.options());
+        Sampler::swap_rows(chunk, rows, n, groups * out_per_group, out_plane);
+        return rows;
+      }
+    }
+    return chunk.view({n, groups, out_per_group, out_plane})
+        .permute({1, 2, 0, 3})
+        .to(dtype)
+        .reshape({groups, out_per_group, n * out_plane});
   }
 
   // (G, R, n*L) view of the first n samples' worth of a column buffer.
@@ -182,9 +226,7 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
       // (A braced list straight inside b->expand(...) is mistranslated by nvcc's front end.)
       const std::array<int64_t, 3> result_shape{layout.groups, layout.out_per_group, n * geo.out_plane};
       const auto result = b ? at::baddbmm(b->expand(result_shape), w, cols) : at::bmm(w, cols);
-      output.narrow(0, b0, n)
-          .view({n, layout.groups, layout.out_per_group, geo.out_plane})
-          .copy_(result.view({layout.groups, layout.out_per_group, n, geo.out_plane}).permute({2, 0, 1, 3}));
+      layout.store_output(output, b0, n, geo.out_plane, result);
     }
   });
   return output;
@@ -231,13 +273,7 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
   auto grad_offset = need_offset ? at::empty_like(offset) : not_requested(input_arg);
   auto grad_mask = need_mask ? at::empty_like(*mask) : not_requested(input_arg);
   auto grad_bias = not_requested(input_arg);
-  if (need_bias) {
-    std::vector<int64_t> reduced_dims{0};
-    for (int a = 0; a < D; ++a) reduced_dims.push_back(a + 2);
-    // The reduction accumulates half types in fp32 and rounds once. (Asking at::sum for an fp32
-    // result instead costs ~0.3 ms of host time per call on CUDA.)
-    grad_bias = at::sum(grad_output, reduced_dims);
-  }
+  if (need_bias) grad_bias = Sampler::bias_grad(grad_output);
   // Allocated by the first chunk's GEMM, accumulated into by the others.
   at::Tensor grad_weight_rows;
 
@@ -271,11 +307,7 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
       }
       for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
         const int64_t n = std::min(chunk, geo.batch - b0);
-        const auto grad_out = grad_output.narrow(0, b0, n)
-                                  .view({n, layout.groups, layout.out_per_group, geo.out_plane})
-                                  .permute({1, 2, 0, 3})
-                                  .to(column_dtype)
-                                  .reshape({layout.groups, layout.out_per_group, n * geo.out_plane});
+        const auto grad_out = layout.grad_out_rows(grad_output, b0, n, geo.out_plane, column_dtype);
         column_t* columns_ptr = need_weight ? columns.template mutable_data_ptr<column_t>() : nullptr;
         if (need_sampling_grads) {
           const auto grad_cols = layout.grad_columns(w, grad_out, opmath_dtype);

@@ -173,3 +173,48 @@ def test_cuda_tensors_on_a_non_current_device():
     with torch.cuda.device(0):
         out = deform_conv(*case.args())
     torch.testing.assert_close(out.cpu(), deform_conv(*case.to(device="cpu").args()))
+
+
+# (batch, channels, spatial): rows of every vector width the bias-gradient kernel takes for 16-bit
+# types (8, 4, 2 and 1 elements: plane % 8 == 0, 196, 4098, odd) with one and several runs per
+# channel, and fp32/fp64 rows of 4 and 2.
+BIAS_GRAD_SHAPES = [
+    (2, 3, (5, 7)),
+    (2, 4, (128, 128)),
+    (32, 8, (14, 14)),
+    (3, 5, (4098,)),
+    (3, 4, (4099,)),
+    (1, 2, (3, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BIAS_GRAD_SHAPES, ids=str)
+def test_cuda_bias_gradient_is_the_deterministic_channel_sum(shape, dtype):
+    batch, channels, spatial = shape
+    dims = len(spatial)
+    generator = torch.Generator().manual_seed(channels)
+    grad_output = torch.randn(batch, channels, *spatial, generator=generator, dtype=torch.float64) + 0.25
+    # A 1x1 conv of stride 1 keeps the output's shape equal to the input's.
+    input = torch.zeros(batch, 1, *spatial, dtype=dtype, device="cuda")
+    offset = torch.zeros(batch, dims, *spatial, dtype=dtype, device="cuda")
+    weight = torch.zeros(channels, 1, *([1] * dims), dtype=dtype, device="cuda")
+    grad = grad_output.to(dtype).to("cuda")
+
+    def bias_grad():
+        results = torch.ops.dcnlab.deform_conv_backward(
+            grad, input, offset, weight, None, [1] * dims, [0] * dims, [1] * dims, [False, False, False, True, False]
+        )
+        return results[3]
+
+    actual = bias_grad()
+    assert actual.shape == (channels,) and actual.dtype == dtype
+    rounded = grad.to(torch.float64).cpu()
+    reduced = [0, *range(2, 2 + dims)]
+    expected = rounded.sum(reduced)
+    # One rounding to the dtype, plus the fp32 (fp64) accumulation of the terms.
+    rounding = {torch.float64: 1e-15, torch.float32: 1e-6}.get(dtype, torch.finfo(dtype).eps)
+    accumulation = 1e-12 if dtype == torch.float64 else 1e-6
+    bound = rounding * expected.abs() + accumulation * rounded.abs().sum(reduced)
+    assert ((actual.to(torch.float64).cpu() - expected).abs() <= bound).all(), (actual, expected)
+    assert torch.equal(bias_grad(), actual)  # fixed order: bitwise equal run to run

@@ -62,6 +62,13 @@ struct CpuSampler {
 
   static int64_t column_budget() { return int64_t(1) << 23; }
 
+  // at::sum accumulates half types in fp32 and rounds once.
+  static at::Tensor bias_grad(const at::Tensor& grad_output) {
+    std::vector<int64_t> dims{0};
+    for (int64_t a = 2; a < grad_output.dim(); ++a) dims.push_back(a);
+    return at::sum(grad_output, dims);
+  }
+
   template <int D, typename scalar_t>
   static bool forward_fused(const ConvGeometry<D>&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,

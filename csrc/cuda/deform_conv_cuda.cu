@@ -15,6 +15,7 @@
 
 #include "../deform_conv_driver.h"
 #include "atomics.cuh"
+#include "bias_grad.cuh"
 #include "implicit_gemm.cuh"
 #include "implicit_gemm_backward.cuh"
 #include "layout_copy.cuh"
@@ -293,6 +294,8 @@ struct CudaSampler : layout_copy::ChannelsLast {
   using column_t = scalar_t;
 
   static int64_t column_budget() { return int64_t(1) << 26; }
+
+  static at::Tensor bias_grad(const at::Tensor& grad_output) { return dcnlab::bias_grad::compute(grad_output); }
 
   // The implicit GEMM of implicit_gemm.cuh for half types where it applies (weight_rows is the
   // contiguous (G, C_out/G, R) matrix in the channels-last row order; input is the op's, which

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -78,6 +79,45 @@ __global__ void __launch_bounds__(kTile * kRowsPerPass)
   }
 }
 
+// The same for matrices with fewer than kTile rows or columns (the weights' (C_in/G, K) blocks,
+// K = 9 or 27; inputs of a few channels), where most of a tile's threads would idle. index_t:
+// 32-bit where the element count allows.
+//
+// kFewCols: a thread reads a row (the warp's reads are consecutive) and writes one element to each
+// of the `cols` result rows (for each, the warp's writes are consecutive). Otherwise one thread per
+// result element, in the result's order (writes consecutive, reads strided): walking the columns
+// of a few-row matrix instead (reads consecutive, writes strided) took 14.0 instead of 8.3 us for
+// the fp32 -> bf16 weight gradient of C512 k3 on H200 (docs/perf-notes.md, session 8), while this
+// kFewCols walk took 4.1 instead of 8.5 us for its weight rows.
+template <bool kFewCols, typename index_t, typename in_t, typename out_t>
+__global__ void __launch_bounds__(256)
+    small_transpose_kernel(const in_t* __restrict__ src, out_t* __restrict__ dst, index_t rows, index_t cols,
+                           index_t work) {
+  for (index_t w = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < work;
+       w += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    if constexpr (kFewCols) {  // w: a row of one matrix
+      const index_t matrix = w / rows;
+      const index_t r = w - matrix * rows;
+      const in_t* source = src + (matrix * rows + r) * cols;
+      out_t* target = dst + matrix * rows * cols + r;
+      for (index_t c = 0; c < cols; ++c) target[c * rows] = static_cast<out_t>(source[c]);
+    } else {  // w: an element of the result
+      const index_t plane = rows * cols;
+      const index_t matrix = w / plane;
+      const index_t within = w - matrix * plane;  // (c, r) of the result
+      const index_t c = within / rows;
+      const index_t r = within - c * rows;
+      dst[w] = static_cast<out_t>(src[(matrix * rows + r) * cols + c]);
+    }
+  }
+}
+
+// Blocks for a grid-stride loop over `work` items of 256 threads: at most 8 per SM.
+inline unsigned grid_stride_blocks(int64_t work) {
+  const int64_t cap = 8 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, cap)));
+}
+
 // dst (batch, cols, rows) <- src (batch, rows, cols); both contiguous on one device. Returns false
 // (nothing copied) for a dtype pair it does not handle.
 inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int64_t rows, int64_t cols) {
@@ -85,6 +125,40 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   const bool narrowing = src.scalar_type() == at::kFloat &&
                          (dst.scalar_type() == at::kHalf || dst.scalar_type() == at::kBFloat16);
   if (!same && !narrowing) return false;
+  if (batch == 0 || rows == 0 || cols == 0) return true;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (std::min(rows, cols) < kTile) {
+    const bool few_cols = cols <= rows;
+    const int64_t work = few_cols ? batch * rows : batch * rows * cols;
+    const unsigned blocks = grid_stride_blocks(work);
+    const bool narrow_index = batch * rows * cols < (int64_t(1) << 31) - 256 * int64_t(blocks);
+    auto launch = [&](auto in_type, auto out_type) {
+      using in_t = decltype(in_type);
+      using out_t = decltype(out_type);
+      const in_t* source = src.const_data_ptr<in_t>();
+      out_t* target = dst.mutable_data_ptr<out_t>();
+      auto run = [&](auto few, auto index) {
+        using index_t = decltype(index);
+        small_transpose_kernel<decltype(few)::value, index_t, in_t, out_t><<<blocks, 256, 0, stream>>>(
+            source, target, static_cast<index_t>(rows), static_cast<index_t>(cols), static_cast<index_t>(work));
+      };
+      using Few = std::true_type;
+      using Many = std::false_type;
+      if (narrow_index) {
+        few_cols ? run(Few(), int32_t()) : run(Many(), int32_t());
+      } else {
+        few_cols ? run(Few(), int64_t()) : run(Many(), int64_t());
+      }
+    };
+    if (same) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dcnlab::transpose",
+                                      [&] { launch(scalar_t(), scalar_t()); });
+    } else {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dst.scalar_type(), "dcnlab::transpose", [&] { launch(float(), scalar_t()); });
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
   const bool pairs = rows % 2 == 0 && cols % 2 == 0 &&
                      reinterpret_cast<uintptr_t>(src.const_data_ptr()) % (2 * src.element_size()) == 0 &&
                      reinterpret_cast<uintptr_t>(dst.const_data_ptr()) % (2 * dst.element_size()) == 0;
@@ -92,10 +166,8 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   const int64_t row_tiles = (rows + tile - 1) / tile;
   const int64_t col_tiles = (cols + tile - 1) / tile;
   if (row_tiles * col_tiles >= (int64_t(1) << 31)) return false;
-  if (batch == 0 || rows == 0 || cols == 0) return true;
   const dim3 grid(static_cast<unsigned>(row_tiles * col_tiles), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
   const dim3 block(kTile, kRowsPerPass);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto in_type, auto out_type) {
     using in_t = decltype(in_type);
     using out_t = decltype(out_type);
@@ -115,6 +187,62 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// dst[j][i] <- src[i][j] for runs of `run` elements: (I, J, run) -> (J, I, run), both contiguous.
+// The runs move as 16-byte words where their length and the pointers allow; one thread per word,
+// grid-stride.
+template <typename index_t, typename word_t>
+__global__ void __launch_bounds__(256)
+    swap_rows_kernel(const word_t* __restrict__ src, word_t* __restrict__ dst, index_t I, index_t J,
+                     index_t run_words, index_t total) {
+  for (index_t w = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < total;
+       w += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t row = w / run_words;  // i * J + j
+    const index_t q = w - row * run_words;
+    const index_t i = row / J;
+    const index_t j = row - i * J;
+    dst[(j * I + i) * run_words + q] = src[w];
+  }
+}
+
+// The permutation (I, J, run) -> (J, I, run) of a contiguous src into a contiguous dst of the same
+// dtype, as one launch (a strided at::copy_ of the permuted view costs its TensorIterator set-up
+// on the host each call, which the host-bound small-plane shapes pay in full).
+inline void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run) {
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type() && src.is_contiguous() && dst.is_contiguous() &&
+                  src.numel() == I * J * run && dst.numel() == I * J * run,
+              "dcnlab: internal error: swap_rows needs two contiguous tensors of one dtype and I*J*run elements");
+  if (src.numel() == 0) return;
+  const int64_t bytes = run * src.element_size();
+  const auto address = reinterpret_cast<uintptr_t>(src.const_data_ptr()) | reinterpret_cast<uintptr_t>(dst.const_data_ptr());
+  int word = 16;
+  while (word > 1 && (bytes % word != 0 || address % word != 0)) word /= 2;
+  const int64_t run_words = bytes / word;
+  const int64_t total = I * J * run_words;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto word_type) {
+    using word_t = decltype(word_type);
+    const auto* source = static_cast<const word_t*>(src.const_data_ptr());
+    auto* target = static_cast<word_t*>(dst.mutable_data_ptr());
+    const unsigned blocks = grid_stride_blocks(total);
+    if (total < (int64_t(1) << 31) - 256 * int64_t(blocks)) {
+      swap_rows_kernel<int32_t, word_t><<<blocks, 256, 0, stream>>>(source, target, static_cast<int32_t>(I),
+                                                                    static_cast<int32_t>(J),
+                                                                    static_cast<int32_t>(run_words),
+                                                                    static_cast<int32_t>(total));
+    } else {
+      swap_rows_kernel<int64_t, word_t><<<blocks, 256, 0, stream>>>(source, target, I, J, run_words, total);
+    }
+  };
+  switch (word) {
+    case 16: launch(uint4()); break;
+    case 8: launch(uint2()); break;
+    case 4: launch(uint32_t()); break;
+    case 2: launch(uint16_t()); break;
+    default: launch(uint8_t()); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // (B, C, *spatial) -> (B, *spatial, C), contiguous. An input already in that order (e.g. in
@@ -148,6 +276,12 @@ struct ChannelsLast {
   static at::Tensor to_channels_last(const at::Tensor& input) { return layout_copy::to_channels_last(input); }
   static void from_channels_last(at::Tensor& target, const at::Tensor& buffer) {
     layout_copy::from_channels_last(target, buffer);
+  }
+  static bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int64_t rows, int64_t cols) {
+    return layout_copy::transpose(src, dst, batch, rows, cols);
+  }
+  static void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run) {
+    layout_copy::swap_rows(src, dst, I, J, run);
   }
 };
 
