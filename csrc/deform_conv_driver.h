@@ -136,7 +136,7 @@ struct Layout {
   void store_output(at::Tensor& output, int64_t b0, int64_t n, int64_t out_plane, const at::Tensor& result) const {
     auto target = output.narrow(0, b0, n);
     if constexpr (channels_last) {
-      Sampler::swap_rows(result, target, groups * out_per_group, n, out_plane);
+      Sampler::swap_rows(result.contiguous(), target, groups * out_per_group, n, out_plane);
     } else {
       target.view({n, groups, out_per_group, out_plane})
           .copy_(result.view({groups, out_per_group, n, out_plane}).permute({2, 0, 1, 3}));

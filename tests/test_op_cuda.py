@@ -188,9 +188,10 @@ BIAS_GRAD_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", BIAS_GRAD_SHAPES, ids=str)
-def test_cuda_bias_gradient_is_the_deterministic_channel_sum(shape, dtype):
+def test_cuda_bias_gradient_is_the_deterministic_channel_sum(shape, dtype, misaligned):
     batch, channels, spatial = shape
     dims = len(spatial)
     generator = torch.Generator().manual_seed(channels)
@@ -200,6 +201,8 @@ def test_cuda_bias_gradient_is_the_deterministic_channel_sum(shape, dtype):
     offset = torch.zeros(batch, dims, *spatial, dtype=dtype, device="cuda")
     weight = torch.zeros(channels, 1, *([1] * dims), dtype=dtype, device="cuda")
     grad = grad_output.to(dtype).to("cuda")
+    if misaligned:  # a contiguous view one element into its storage: single-element loads
+        grad = torch.empty(grad.numel() + 1, dtype=dtype, device="cuda")[1:].view(grad.shape).copy_(grad)
 
     def bias_grad():
         results = torch.ops.dcnlab.deform_conv_backward(

@@ -125,6 +125,8 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   const bool narrowing = src.scalar_type() == at::kFloat &&
                          (dst.scalar_type() == at::kHalf || dst.scalar_type() == at::kBFloat16);
   if (!same && !narrowing) return false;
+  TORCH_INTERNAL_ASSERT(src.is_contiguous() && dst.is_contiguous() && src.numel() == batch * rows * cols &&
+                        dst.numel() == batch * rows * cols);
   if (batch == 0 || rows == 0 || cols == 0) return true;
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (std::min(rows, cols) < kTile) {
