@@ -129,16 +129,27 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
                         dst.numel() == batch * rows * cols);
   if (batch == 0 || rows == 0 || cols == 0) return true;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (std::min(rows, cols) < kTile) {
-    const bool few_cols = cols <= rows;
-    const int64_t work = few_cols ? batch * rows : batch * rows * cols;
-    const unsigned blocks = grid_stride_blocks(work);
-    const bool narrow_index = batch * rows * cols < (int64_t(1) << 31) - 256 * int64_t(blocks);
-    auto launch = [&](auto in_type, auto out_type) {
-      using in_t = decltype(in_type);
-      using out_t = decltype(out_type);
-      const in_t* source = src.const_data_ptr<in_t>();
-      out_t* target = dst.mutable_data_ptr<out_t>();
+  // Matrices with a side under kTile take small_transpose_kernel, the others the tiled kernel.
+  const bool small = std::min(rows, cols) < kTile;
+  const bool few_cols = cols <= rows;
+  const int64_t work = few_cols ? batch * rows : batch * rows * cols;
+  const unsigned blocks = grid_stride_blocks(work);
+  const bool narrow_index = batch * rows * cols < (int64_t(1) << 31) - 256 * int64_t(blocks);
+  const bool pairs = rows % 2 == 0 && cols % 2 == 0 &&
+                     reinterpret_cast<uintptr_t>(src.const_data_ptr()) % (2 * src.element_size()) == 0 &&
+                     reinterpret_cast<uintptr_t>(dst.const_data_ptr()) % (2 * dst.element_size()) == 0;
+  const int tile = pairs ? 2 * kTile : kTile;
+  const int64_t row_tiles = (rows + tile - 1) / tile;
+  const int64_t col_tiles = (cols + tile - 1) / tile;
+  if (!small && row_tiles * col_tiles >= (int64_t(1) << 31)) return false;
+  const dim3 grid(static_cast<unsigned>(row_tiles * col_tiles), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
+  const dim3 block(kTile, kRowsPerPass);
+  auto launch = [&](auto in_type, auto out_type) {
+    using in_t = decltype(in_type);
+    using out_t = decltype(out_type);
+    const in_t* source = src.const_data_ptr<in_t>();
+    out_t* target = dst.mutable_data_ptr<out_t>();
+    if (small) {
       auto run = [&](auto few, auto index) {
         using index_t = decltype(index);
         small_transpose_kernel<decltype(few)::value, index_t, in_t, out_t><<<blocks, 256, 0, stream>>>(
@@ -151,31 +162,7 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
       } else {
         few_cols ? run(Few(), int64_t()) : run(Many(), int64_t());
       }
-    };
-    if (same) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dcnlab::transpose",
-                                      [&] { launch(scalar_t(), scalar_t()); });
-    } else {
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dst.scalar_type(), "dcnlab::transpose", [&] { launch(float(), scalar_t()); });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
-  }
-  const bool pairs = rows % 2 == 0 && cols % 2 == 0 &&
-                     reinterpret_cast<uintptr_t>(src.const_data_ptr()) % (2 * src.element_size()) == 0 &&
-                     reinterpret_cast<uintptr_t>(dst.const_data_ptr()) % (2 * dst.element_size()) == 0;
-  const int tile = pairs ? 2 * kTile : kTile;
-  const int64_t row_tiles = (rows + tile - 1) / tile;
-  const int64_t col_tiles = (cols + tile - 1) / tile;
-  if (row_tiles * col_tiles >= (int64_t(1) << 31)) return false;
-  const dim3 grid(static_cast<unsigned>(row_tiles * col_tiles), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
-  const dim3 block(kTile, kRowsPerPass);
-  auto launch = [&](auto in_type, auto out_type) {
-    using in_t = decltype(in_type);
-    using out_t = decltype(out_type);
-    const in_t* source = src.const_data_ptr<in_t>();
-    out_t* target = dst.mutable_data_ptr<out_t>();
-    if (pairs) {
+    } else if (pairs) {
       transpose_kernel<2, in_t, out_t><<<grid, block, 0, stream>>>(source, target, batch, rows, cols, col_tiles);
     } else {
       transpose_kernel<1, in_t, out_t><<<grid, block, 0, stream>>>(source, target, batch, rows, cols, col_tiles);
