@@ -18,7 +18,8 @@
 // input likewise the op's);
 // plus bias_grad(grad_output), the sum of a contiguous (B, C_out, *out) grad output over all but
 // its channel dim in its dtype (accumulated in opmath, deterministic),
-// `column_t<scalar_t>`, the dtype of sampled columns, column_budget(), the number of
+// `column_t<scalar_t>`, the dtype of sampled columns, `grad_column_t<scalar_t>`, the dtype of
+// gradient columns (the GEMM rounds its fp32 accumulators to it), column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts (a
 // channels-last backend also supplies to_channels_last(input), the (B, *in, C_in) copy of an input,
 // from_channels_last(target, buffer), which writes (n, *in, C_in) as (n, C_in, *in) with a cast,
@@ -33,7 +34,7 @@
 // G is the number of conv groups and R = C_in/G * K. Either way the columns of one group form a
 // matrix that one batched GEMM multiplies for the whole chunk:
 //   output (G, C_out/G, n*L) = weight rows (G, C_out/G, R) @ columns (G, R, n*L).
-// Gradient columns and grad_input are always in opmath (fp32 for half types).
+// grad_input is always accumulated in opmath (fp32 for half types).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -131,13 +132,20 @@ struct Layout {
     return result.view(weight.sizes());
   }
 
-  // Writes the chunk's GEMM result (G, C_out/G, n*L) into samples [b0, b0 + n) of the contiguous
-  // output (B, C_out, *out).
-  void store_output(at::Tensor& output, int64_t b0, int64_t n, int64_t out_plane, const at::Tensor& result) const {
+  // Writes the chunk's output, weight rows (G, C_out/G, R) @ columns (G, R, n*L) plus the bias
+  // (null: none; (C_out) in the columns' dtype), into samples [b0, b0 + n) of the contiguous output
+  // (B, C_out, *out). Channels-last: the bias is added while swap_rows permutes the GEMM result
+  // (a baddbmm would first copy the broadcast bias into its result); else inside the GEMM.
+  void store_product(at::Tensor& output, int64_t b0, int64_t n, int64_t out_plane, const at::Tensor& w,
+                     const at::Tensor& columns, const at::Tensor* bias) const {
     auto target = output.narrow(0, b0, n);
     if constexpr (channels_last) {
-      Sampler::swap_rows(result.contiguous(), target, groups * out_per_group, n, out_plane);
+      Sampler::swap_rows(at::bmm(w, columns), target, groups * out_per_group, n, out_plane, bias);
     } else {
+      // (A braced list straight inside expand(...) is mistranslated by nvcc's front end.)
+      const std::array<int64_t, 3> result_shape{groups, out_per_group, n * out_plane};
+      const auto result = bias ? at::baddbmm(bias->view({groups, out_per_group, 1}).expand(result_shape), w, columns)
+                               : at::bmm(w, columns);
       target.view({n, groups, out_per_group, out_plane})
           .copy_(result.view({groups, out_per_group, n, out_plane}).permute({2, 0, 1, 3}));
     }
@@ -212,8 +220,7 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
     // (from the input as given, in the caller's layout).
     if (Sampler::template forward_fused<D, scalar_t>(geo, input_arg, offset, mask, w, bias, output)) return;
     const auto input = layout.input(input_arg);
-    std::optional<at::Tensor> b;
-    if (bias) b = bias->to(column_dtype).view({layout.groups, layout.out_per_group, 1});
+    const auto b = bias ? bias->to(column_dtype).contiguous() : at::Tensor();
     const auto columns =
         at::empty({geo.in_channels * geo.kernel_points * chunk * geo.out_plane}, input.options().dtype(column_dtype));
     for (int64_t b0 = 0; b0 < geo.batch; b0 += chunk) {
@@ -223,10 +230,7 @@ at::Tensor deform_conv_forward_dims(const at::Tensor& input_arg, const at::Tenso
                                           offset.template const_data_ptr<scalar_t>(),
                                           mask ? mask->template const_data_ptr<scalar_t>() : nullptr, b0, n,
                                           columns.template mutable_data_ptr<column_t>());
-      // (A braced list straight inside b->expand(...) is mistranslated by nvcc's front end.)
-      const std::array<int64_t, 3> result_shape{layout.groups, layout.out_per_group, n * geo.out_plane};
-      const auto result = b ? at::baddbmm(b->expand(result_shape), w, cols) : at::bmm(w, cols);
-      layout.store_output(output, b0, n, geo.out_plane, result);
+      layout.store_product(output, b0, n, geo.out_plane, w, cols, b.defined() ? &b : nullptr);
     }
   });
   return output;
@@ -283,7 +287,9 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_arg.scalar_type(), "dcnlab::deform_conv_backward", [&] {
       using column_t = typename Sampler::template column_t<scalar_t>;
       using opmath_t = at::opmath_type<scalar_t>;
+      using grad_column_t = typename Sampler::template grad_column_t<scalar_t>;
       const auto column_dtype = c10::CppTypeToScalarType<column_t>::value;
+      const auto grad_column_dtype = c10::CppTypeToScalarType<grad_column_t>::value;
       const auto w = layout.weight_rows(weight, column_dtype);
       // A backend may compute the whole backward without columns for some shapes and dtypes; it
       // takes the input as given (and may convert its layout a chunk at a time).
@@ -310,14 +316,14 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
         const auto grad_out = layout.grad_out_rows(grad_output, b0, n, geo.out_plane, column_dtype);
         column_t* columns_ptr = need_weight ? columns.template mutable_data_ptr<column_t>() : nullptr;
         if (need_sampling_grads) {
-          const auto grad_cols = layout.grad_columns(w, grad_out, opmath_dtype);
+          const auto grad_cols = layout.grad_columns(w, grad_out, grad_column_dtype);
           at::Tensor grad_input_target;
           if (need_input) {
             grad_input_target =
                 grad_input_in_place ? grad_input.narrow(0, b0, n) : grad_input_buffer.narrow(0, 0, n).zero_();
           }
           Sampler::template sampling_grads<D>(
-              geo, input_ptr, offset_ptr, mask_ptr, b0, n, grad_cols.template const_data_ptr<opmath_t>(),
+              geo, input_ptr, offset_ptr, mask_ptr, b0, n, grad_cols.template const_data_ptr<grad_column_t>(),
               need_offset ? grad_offset.template mutable_data_ptr<scalar_t>() : nullptr,
               need_mask ? grad_mask.template mutable_data_ptr<scalar_t>() : nullptr,
               need_input ? grad_input_target.template mutable_data_ptr<opmath_t>() : nullptr, columns_ptr);

@@ -57,6 +57,8 @@ TileUnits tile_units(const ConvGeometry<D>& geo) {
 struct CpuSampler {
   template <typename scalar_t>
   using column_t = at::opmath_type<scalar_t>;
+  template <typename scalar_t>
+  using grad_column_t = at::opmath_type<scalar_t>;
 
   static constexpr bool kChannelsLast = false;
 
@@ -87,7 +89,7 @@ struct CpuSampler {
   // gradients one channel plane each, so neither needs atomics.
   template <int D, typename scalar_t>
   static void sampling_grads(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
-                             const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
+                             const scalar_t* mask, int64_t b0, int64_t n, const grad_column_t<scalar_t>* grad_columns,
                              scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
                              column_t<scalar_t>* columns) {
     if (columns) sample_columns(geo, input, offset, mask, b0, n, columns);

@@ -131,6 +131,15 @@ struct RowWalk {
   }
 };
 
+// The dtype of the im2col backward's gradient columns (weight rows^T @ grad output, rounded once
+// from the GEMM's fp32 accumulators): bf16 for bf16, whose exponent range is fp32's, so a grad
+// output scaled for AMP overflows it no sooner than the grad output itself, and the GEMM writes and
+// the sampling-gradient kernel reads half the bytes; opmath otherwise (fp16 columns, sums of C_out
+// products, could overflow where the fp16 grad output does not).
+template <typename scalar_t>
+using grad_column_t =
+    std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, at::opmath_type<scalar_t>>;
+
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (&values)[V], at::opmath_type<T> scale) {
   Pack<T, V> pack;
@@ -173,7 +182,7 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
 template <int D, int V, typename scalar_t>
 __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
-                          int64_t n, int shift, const at::opmath_type<scalar_t>* __restrict__ grad_columns,
+                          int64_t n, int shift, const grad_column_t<scalar_t>* __restrict__ grad_columns,
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
                           at::opmath_type<scalar_t>* __restrict__ grad_input, scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -203,14 +212,16 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
         const Stencil<D, acc_t> stencil = slots[t].stencil;
         const acc_t modulation = slots[t].modulation;
         walk.for_each_pack(l, team, [&](int64_t c, int64_t column) {
-          const auto grad = *reinterpret_cast<const Pack<acc_t, V>*>(grad_columns + column);
+          const auto packed = *reinterpret_cast<const Pack<grad_column_t<scalar_t>, V>*>(grad_columns + column);
+          acc_t grad[V];
+          for (int v = 0; v < V; ++v) grad[v] = static_cast<acc_t>(packed.v[v]);
           if (want_position) {
             acc_t values[V];
             acc_t dvalues[V][D];
             interpolate_channels_with_position_grad<D, V>(stencil, sample_input + c, values, dvalues);
             for (int v = 0; v < V; ++v) {
-              grad_mod += grad.v[v] * values[v];
-              for (int a = 0; a < D; ++a) grad_pos[a] += grad.v[v] * dvalues[v][a];
+              grad_mod += grad[v] * values[v];
+              for (int a = 0; a < D; ++a) grad_pos[a] += grad[v] * dvalues[v][a];
             }
             if (columns) store_pack<scalar_t, V>(columns + column, values, modulation);
           } else if (columns) {
@@ -223,7 +234,7 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
               if (!stencil.inside[corner]) continue;
               const acc_t scale = modulation * stencil.weight[corner];
               acc_t scaled[V];
-              for (int v = 0; v < V; ++v) scaled[v] = grad.v[v] * scale;
+              for (int v = 0; v < V; ++v) scaled[v] = grad[v] * scale;
               atomic_add_pack<V>(sample_grad_input + stencil.index[corner] + c, scaled);
             }
           }
@@ -273,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
 #define DCNLAB_GRADS_PARAMS                                                                                    \
-  DCNLAB_SAMPLING_PARAMS, const at::opmath_type<scalar_t>*__restrict__ grad_columns, scalar_t *__restrict__ grad_offset, \
+  DCNLAB_SAMPLING_PARAMS, const grad_column_t<scalar_t>*__restrict__ grad_columns, scalar_t *__restrict__ grad_offset, \
       scalar_t *__restrict__ grad_mask, at::opmath_type<scalar_t> *__restrict__ grad_input, scalar_t *__restrict__ columns
 template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sampling_grads_kernel(DCNLAB_GRADS_PARAMS) {
@@ -292,6 +303,8 @@ __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNL
 struct CudaSampler : layout_copy::ChannelsLast {
   template <typename scalar_t>
   using column_t = scalar_t;
+  template <typename scalar_t>
+  using grad_column_t = dcnlab::grad_column_t<scalar_t>;
 
   static int64_t column_budget() { return int64_t(1) << 26; }
 
@@ -356,7 +369,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
 
   template <int D, typename scalar_t>
   static void sampling_grads(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
-                             const scalar_t* mask, int64_t b0, int64_t n, const at::opmath_type<scalar_t>* grad_columns,
+                             const scalar_t* mask, int64_t b0, int64_t n, const grad_column_t<scalar_t>* grad_columns,
                              scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
                              scalar_t* columns) {
     // Packs of 16 bytes of the fp32 (fp64) gradients, so that each atomic is one vector add.

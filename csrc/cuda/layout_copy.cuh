@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
@@ -178,59 +179,78 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   return true;
 }
 
-// dst[j][i] <- src[i][j] for runs of `run` elements: (I, J, run) -> (J, I, run), both contiguous.
-// The runs move as 16-byte words where their length and the pointers allow; one thread per word,
-// grid-stride.
-template <typename index_t, typename word_t>
+// dst[j][i] <- src[i][j] (+ bias[i]) for runs of `run` elements: (I, J, run) -> (J, I, run), both
+// contiguous. The runs move as Run<T, V> words (16 bytes where their length and the pointers allow);
+// one thread per word, grid-stride. With a bias (null: none) each element becomes
+// T(opmath(element) + opmath(bias[i])): the GEMM result is rounded to T first, as PyTorch's
+// cuDNN conv rounds its result before it adds the bias.
+template <typename index_t, typename T, int V>
 __global__ void __launch_bounds__(256)
-    swap_rows_kernel(const word_t* __restrict__ src, word_t* __restrict__ dst, index_t I, index_t J,
-                     index_t run_words, index_t total) {
+    swap_rows_kernel(const Run<T, V>* __restrict__ src, Run<T, V>* __restrict__ dst, const T* __restrict__ bias,
+                     index_t I, index_t J, index_t run_words, index_t total) {
+  using opmath_t = at::opmath_type<T>;
   for (index_t w = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < total;
        w += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t row = w / run_words;  // i * J + j
     const index_t q = w - row * run_words;
     const index_t i = row / J;
     const index_t j = row - i * J;
-    dst[(j * I + i) * run_words + q] = src[w];
+    Run<T, V> word = src[w];
+    if (bias != nullptr) {
+      const opmath_t b = static_cast<opmath_t>(bias[i]);
+      for (int v = 0; v < V; ++v) word.v[v] = static_cast<T>(static_cast<opmath_t>(word.v[v]) + b);
+    }
+    dst[(j * I + i) * run_words + q] = word;
   }
 }
 
 // The permutation (I, J, run) -> (J, I, run) of a contiguous src into a contiguous dst of the same
-// dtype, as one launch (a strided at::copy_ of the permuted view costs its TensorIterator set-up
-// on the host each call, which the host-bound small-plane shapes pay in full).
-inline void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run) {
+// dtype, as one launch, adding bias[i] (a contiguous tensor of I elements of that dtype) where
+// given (a strided at::copy_ of the permuted view costs its TensorIterator set-up on the host each
+// call, which the host-bound small-plane shapes pay in full; a bias broadcast into a baddbmm costs
+// another copy and the GEMM's read of it).
+inline void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run,
+                      const at::Tensor* bias = nullptr) {
   TORCH_CHECK(src.scalar_type() == dst.scalar_type() && src.is_contiguous() && dst.is_contiguous() &&
                   src.numel() == I * J * run && dst.numel() == I * J * run,
               "dcnlab: internal error: swap_rows needs two contiguous tensors of one dtype and I*J*run elements");
+  TORCH_CHECK(bias == nullptr || (bias->scalar_type() == src.scalar_type() && bias->is_contiguous() &&
+                                  bias->numel() == I && bias->device() == src.device()),
+              "dcnlab: internal error: swap_rows needs a contiguous bias of I elements of the tensors' dtype");
   if (src.numel() == 0) return;
-  const int64_t bytes = run * src.element_size();
   const auto address = reinterpret_cast<uintptr_t>(src.const_data_ptr()) | reinterpret_cast<uintptr_t>(dst.const_data_ptr());
-  int word = 16;
-  while (word > 1 && (bytes % word != 0 || address % word != 0)) word /= 2;
-  const int64_t run_words = bytes / word;
-  const int64_t total = I * J * run_words;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto word_type) {
-    using word_t = decltype(word_type);
-    const auto* source = static_cast<const word_t*>(src.const_data_ptr());
-    auto* target = static_cast<word_t*>(dst.mutable_data_ptr());
-    const unsigned blocks = grid_stride_blocks(total);
-    if (total < (int64_t(1) << 31) - 256 * int64_t(blocks)) {
-      swap_rows_kernel<int32_t, word_t><<<blocks, 256, 0, stream>>>(source, target, static_cast<int32_t>(I),
-                                                                    static_cast<int32_t>(J),
-                                                                    static_cast<int32_t>(run_words),
-                                                                    static_cast<int32_t>(total));
-    } else {
-      swap_rows_kernel<int64_t, word_t><<<blocks, 256, 0, stream>>>(source, target, I, J, run_words, total);
-    }
-  };
-  switch (word) {
-    case 16: launch(uint4()); break;
-    case 8: launch(uint2()); break;
-    case 4: launch(uint32_t()); break;
-    case 2: launch(uint16_t()); break;
-    default: launch(uint8_t()); break;
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dcnlab::swap_rows", [&] {
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const int64_t run_words = run / V;
+      const int64_t total = I * J * run_words;
+      const auto* source = reinterpret_cast<const Run<scalar_t, V>*>(src.const_data_ptr<scalar_t>());
+      auto* target = reinterpret_cast<Run<scalar_t, V>*>(dst.mutable_data_ptr<scalar_t>());
+      const scalar_t* b = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+      const unsigned blocks = grid_stride_blocks(total);
+      if (total < (int64_t(1) << 31) - 256 * int64_t(blocks)) {
+        swap_rows_kernel<int32_t, scalar_t, V><<<blocks, 256, 0, stream>>>(
+            source, target, b, static_cast<int32_t>(I), static_cast<int32_t>(J), static_cast<int32_t>(run_words),
+            static_cast<int32_t>(total));
+      } else {
+        swap_rows_kernel<int64_t, scalar_t, V><<<blocks, 256, 0, stream>>>(source, target, b, I, J, run_words, total);
+      }
+    };
+    // Elements per word: the most of 16 bytes that the run's length and both pointers allow.
+    auto fits = [&](int v) { return run % v == 0 && address % (v * sizeof(scalar_t)) == 0; };
+    auto widest = [&](auto self, auto width) {
+      constexpr int V = decltype(width)::value;
+      if constexpr (V == 1) {
+        launch(width);
+      } else if (fits(V)) {
+        launch(width);
+      } else {
+        self(self, std::integral_constant<int, V / 2>());
+      }
+    };
+    widest(widest, std::integral_constant<int, 16 / sizeof(scalar_t)>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -269,8 +289,9 @@ struct ChannelsLast {
   static bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int64_t rows, int64_t cols) {
     return layout_copy::transpose(src, dst, batch, rows, cols);
   }
-  static void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run) {
-    layout_copy::swap_rows(src, dst, I, J, run);
+  static void swap_rows(const at::Tensor& src, at::Tensor& dst, int64_t I, int64_t J, int64_t run,
+                        const at::Tensor* bias = nullptr) {
+    layout_copy::swap_rows(src, dst, I, J, run, bias);
   }
 };
 
