@@ -7,6 +7,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
 
 #if defined(__CUDACC__)
 #define DCN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -130,18 +133,39 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// V consecutive elements at `source` (one Pack access) in acc_t. In CUDA device code bf16 pairs
+// widen from 32-bit words by one shift or one mask each (an fp32 is a bf16 with 16 more zero
+// mantissa bits): c10's conversion spends two instructions on the upper half of a word.
+template <typename acc_t, int V, typename T>
+DCN_HOST_DEVICE void load_widened(const T* source, acc_t (&values)[V]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && V % 2 == 0) {
+    const auto words = *reinterpret_cast<const Pack<uint32_t, V / 2>*>(source);
+    for (int j = 0; j < V / 2; ++j) {
+      values[2 * j] = __uint_as_float(words.v[j] << 16);
+      values[2 * j + 1] = __uint_as_float(words.v[j] & 0xffff0000u);
+    }
+    return;
+  }
+#endif
+  const auto packed = *reinterpret_cast<const Pack<T, V>*>(source);
+  for (int v = 0; v < V; ++v) values[v] = static_cast<acc_t>(packed.v[v]);
+}
+
 // Interpolated values of V consecutive channels at the stencil's point, where the V channels'
 // elements at stencil index i are plane[i], ..., plane[i + V - 1] (channels-last input; with
-// V = 1, any layout whose channel plane starts at `plane`).
+// V = 1, any layout whose channel plane starts at `plane`). Corners outside the input are
+// skipped, not multiplied by their zero weight: 0 * inf would leak a non-finite value of element 0
+// into points that do not touch it (and on CUDA the skip is a predicate on the load and the FMAs).
 template <int D, int V, typename acc_t, typename coord_t, typename scalar_t>
 DCN_HOST_DEVICE void interpolate_channels(const Stencil<D, coord_t>& s, const scalar_t* plane, acc_t (&value)[V]) {
   for (int v = 0; v < V; ++v) value[v] = 0;
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
-    const auto corner = *reinterpret_cast<const Pack<scalar_t, V>*>(plane + s.index[c]);
+    if (!s.inside[c]) continue;
+    acc_t x[V];
+    load_widened<acc_t, V>(plane + s.index[c], x);
     const acc_t weight = static_cast<acc_t>(s.weight[c]);
-    // Select rather than multiply by the zero weight: 0 * inf would leak a non-finite value of
-    // element 0 into points that do not touch it.
-    for (int v = 0; v < V; ++v) value[v] += s.inside[c] ? weight * static_cast<acc_t>(corner.v[v]) : acc_t(0);
+    for (int v = 0; v < V; ++v) value[v] += weight * x[v];
   }
 }
 
@@ -179,14 +203,14 @@ DCN_HOST_DEVICE void interpolate_channels_with_position_grad(const Stencil<D, co
   }
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
     if (!s.inside[c]) continue;
-    const auto corner = *reinterpret_cast<const Pack<scalar_t, V>*>(plane + s.index[c]);
+    acc_t x[V];
+    load_widened<acc_t, V>(plane + s.index[c], x);
     acc_t slope[D];
     for (int a = 0; a < D; ++a) slope[a] = corner_slope<D, acc_t>(s.frac, c, a);
     const acc_t weight = static_cast<acc_t>(s.weight[c]);
     for (int v = 0; v < V; ++v) {
-      const acc_t x = static_cast<acc_t>(corner.v[v]);
-      value[v] += weight * x;
-      for (int a = 0; a < D; ++a) grad_pos[v][a] += slope[a] * x;
+      value[v] += weight * x[v];
+      for (int a = 0; a < D; ++a) grad_pos[v][a] += slope[a] * x[v];
     }
   }
 }

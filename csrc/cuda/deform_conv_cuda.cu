@@ -212,9 +212,8 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
         const Stencil<D, acc_t> stencil = slots[t].stencil;
         const acc_t modulation = slots[t].modulation;
         walk.for_each_pack(l, team, [&](int64_t c, int64_t column) {
-          const auto packed = *reinterpret_cast<const Pack<grad_column_t<scalar_t>, V>*>(grad_columns + column);
           acc_t grad[V];
-          for (int v = 0; v < V; ++v) grad[v] = static_cast<acc_t>(packed.v[v]);
+          load_widened<acc_t, V>(grad_columns + column, grad);
           if (want_position) {
             acc_t values[V];
             acc_t dvalues[V][D];
