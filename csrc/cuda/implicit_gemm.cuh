@@ -118,6 +118,13 @@ __device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* sourc
   return pack;
 }
 
+template <typename scalar_t>
+__device__ __forceinline__ uint4 as_bits(const Pack<scalar_t, kPack>& pack) {
+  uint4 bits;
+  memcpy(&bits, &pack, sizeof(bits));
+  return bits;
+}
+
 // Zeros: the source of the gather for interpolation corners outside the input, so that the
 // inner loop needs no per-element select (and a non-finite input element can never leak into a
 // point that does not touch it). The forward reads it at the channel offsets of a conv group,
@@ -125,26 +132,31 @@ __device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* sourc
 constexpr int kMaxZeroChannels = 2048;
 __device__ __align__(16) unsigned char zero_pack[2 * kMaxZeroChannels];
 
-// values[v] += weight * channel v of a 16-byte pack of 8 half or bfloat16 values, in fp32
-// (a bfloat16 is the top half of its float: one shift or mask per element).
+// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32 (a bfloat16 is the top half
+// of its float: one shift or mask per element; c10's conversion takes two for an upper half).
 template <typename scalar_t>
-__device__ __forceinline__ void accumulate_pack(float (&values)[kPack], float weight, const uint4& bits) {
+__device__ __forceinline__ void widen_pack(const uint4& bits, float (&x)[kPack]) {
   const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
   for (int w = 0; w < 4; ++w) {
-    float low, high;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      low = __uint_as_float(words[w] << 16);
-      high = __uint_as_float(words[w] & 0xffff0000u);
+      x[2 * w] = __uint_as_float(words[w] << 16);
+      x[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
     } else {
       __half2 pair;
       memcpy(&pair, &words[w], sizeof(pair));
       const float2 f = __half22float2(pair);
-      low = f.x;
-      high = f.y;
+      x[2 * w] = f.x;
+      x[2 * w + 1] = f.y;
     }
-    values[2 * w] += weight * low;
-    values[2 * w + 1] += weight * high;
   }
+}
+
+// values[v] += weight * channel v of a 16-byte pack of 8 half or bfloat16 values, in fp32.
+template <typename scalar_t>
+__device__ __forceinline__ void accumulate_pack(float (&values)[kPack], float weight, const uint4& bits) {
+  float x[kPack];
+  widen_pack<scalar_t>(bits, x);
+  for (int v = 0; v < kPack; ++v) values[v] += weight * x[v];
 }
 
 // q / d and q % d, in 32 bits where q and d fit (64-bit division is a ~70-instruction routine).

@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (want_columns) {
         float values[kPack] = {};
         for (int corner = 0; corner < kCorners; ++corner) {
-          for (int v = 0; v < kPack; ++v) values[v] += weights[corner] * static_cast<float>(corners[corner].v[v]);
+          accumulate_pack<scalar_t>(values, weights[corner], as_bits(corners[corner]));
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(modulation * values[v]);
@@ -391,8 +391,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       float grad_pos[D] = {};
       float grad_mod = 0;
       for (int corner = 0; corner < kCorners; ++corner) {
+        float x[kPack];
+        widen_pack<scalar_t>(as_bits(corners[corner]), x);
         float dot = 0;
-        for (int v = 0; v < kPack; ++v) dot += grad[v] * static_cast<float>(corners[corner].v[v]);
+        for (int v = 0; v < kPack; ++v) dot += grad[v] * x[v];
         grad_mod += weights[corner] * dot;
         for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D, float>(frac, corner, a) * dot;
       }
