@@ -19,12 +19,13 @@
 // plus bias_grad(grad_output), the sum of a contiguous (B, C_out, *out) grad output over all but
 // its channel dim in its dtype (accumulated in opmath, deterministic),
 // `column_t<scalar_t>`, the dtype of sampled columns, `grad_column_t<scalar_t>`, the dtype of
-// gradient columns (the GEMM rounds its fp32 accumulators to it), column_budget(), the number of
+// gradient columns (the GEMM rounds its opmath accumulators to it), column_budget(), the number of
 // column elements a chunk may hold, and kChannelsLast, which picks one of two layouts (a
 // channels-last backend also supplies to_channels_last(input), the (B, *in, C_in) copy of an input,
 // from_channels_last(target, buffer), which writes (n, *in, C_in) as (n, C_in, *in) with a cast,
 // transpose(src, dst, batch, rows, cols), dst (batch, cols, rows) <- src (batch, rows, cols) with
-// a cast (false: not done), and swap_rows(src, dst, I, J, run), dst (J, I, run) <- src (I, J, run)):
+// a cast (false: not done), and swap_rows(src, dst, I, J, run, bias), dst (J, I, run) <- src (I, J, run)
+// (+ bias[i] where bias, a contiguous tensor of I elements of their dtype, is not null)):
 //
 //   kChannelsLast = false: input (B, C_in, *in); columns (G, R, n*L) with row r = c*K + k, the
 //       weight's own order; grad_input buffer (n, C_in, *in).

@@ -42,8 +42,9 @@ struct ConvGeometry {
 
 // The 2^D interpolation corners of one sample point.
 //
-// Corners outside the input keep weight 0 and index 0, so loops over corners need no branch
-// and never read out of bounds (the input plane is never empty: the op rejects empty inputs).
+// Corners outside the input keep weight 0 and index 0 (inside false), so a loop over corners that
+// reads them never reads out of bounds (the input plane is never empty: the op rejects empty
+// inputs); the interpolation loops skip them.
 template <int D, typename coord_t>
 struct Stencil {
   static constexpr int kCorners = 1 << D;

@@ -131,8 +131,9 @@ struct RowWalk {
   }
 };
 
-// The dtype of the im2col backward's gradient columns (weight rows^T @ grad output, rounded once
-// from the GEMM's fp32 accumulators): bf16 for bf16, whose exponent range is fp32's, so a grad
+// The dtype of the im2col backward's gradient columns (weight rows^T @ grad output, rounded from
+// the GEMM's fp32 accumulators; cuBLAS may reduce split-K partial sums in bf16 where PyTorch's
+// allow_bf16_reduced_precision_reduction allows it, as for any bf16 matmul): bf16 for bf16, whose exponent range is fp32's, so a grad
 // output scaled for AMP overflows it no sooner than the grad output itself, and the GEMM writes and
 // the sampling-gradient kernel reads half the bytes; opmath otherwise (fp16 columns, sums of C_out
 // products, could overflow where the fp16 grad output does not).
@@ -371,7 +372,8 @@ struct CudaSampler : layout_copy::ChannelsLast {
                              const scalar_t* mask, int64_t b0, int64_t n, const grad_column_t<scalar_t>* grad_columns,
                              scalar_t* grad_offset, scalar_t* grad_mask, at::opmath_type<scalar_t>* grad_input,
                              scalar_t* columns) {
-    // Packs of 16 bytes of the fp32 (fp64) gradients, so that each atomic is one vector add.
+    // Packs of 16 bytes of the fp32 (fp64) grad_input, so that each atomic is one vector add (the
+    // gradient columns' pack is 8 bytes where they are bf16).
     constexpr int kPack = 16 / sizeof(at::opmath_type<scalar_t>);
     const auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
     auto launch = [&](auto kernel) {

@@ -120,6 +120,7 @@ __device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* sourc
 
 template <typename scalar_t>
 __device__ __forceinline__ uint4 as_bits(const Pack<scalar_t, kPack>& pack) {
+  static_assert(sizeof(pack) == 16, "16-byte packs");
   uint4 bits;
   memcpy(&bits, &pack, sizeof(bits));
   return bits;
@@ -136,6 +137,7 @@ __device__ __align__(16) unsigned char zero_pack[2 * kMaxZeroChannels];
 // of its float: one shift or mask per element; c10's conversion takes two for an upper half).
 template <typename scalar_t>
 __device__ __forceinline__ void widen_pack(const uint4& bits, float (&x)[kPack]) {
+  static_assert(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>, "half types");
   const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
   for (int w = 0; w < 4; ++w) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
