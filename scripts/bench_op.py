@@ -64,6 +64,7 @@ ROTATION_BYTES = 256 * 2**20  # rotate among input sets until they exceed this, 
 MAX_INPUT_SETS = 8
 MIN_RUNS = 3  # runs kept even when --max-seconds is exceeded
 MIB = 2**20
+GPU_TIME_RUNS = 10  # calls per torch.profiler measurement of kernel time (CUDA)
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,19 @@ def time_runs(
     return times
 
 
+def gpu_time_ms(step: Callable[[int], object], device: torch.device, runs: int) -> float:
+    """Kernel time in ms of one step(i) on the GPU: the sum of the CUDA kernel (and memset / memcpy) times
+    that torch.profiler records over `runs` calls, divided by `runs`. The host's speed does not enter it,
+    so it compares across machine starts where a host-bound wall time does not."""
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for i in range(runs):
+            step(i)
+        synchronize(device)
+    events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in events) / runs / 1e3
+
+
 def peak_extra_memory(step: Callable[[int], object], device: torch.device) -> int:
     """Peak device memory (bytes) allocated by one step above what was held before it."""
     torch.cuda.synchronize(device)
@@ -321,10 +335,15 @@ def timing_summary(times: list[float]) -> dict[str, Any]:
 
 
 def bench_contender(
-    contender: Contender, sets: list[Inputs], shape: Shape, device: torch.device, args: argparse.Namespace
+    contender: Contender,
+    sets: list[Inputs],
+    shape: Shape,
+    device: torch.device,
+    args: argparse.Namespace,
+    gpu_time: bool = False,
 ) -> dict[str, Any]:
-    """Time forward and forward+backward of one contender (and its peak memory on CUDA); a mode that raises
-    or is unsupported is recorded as {"na": reason}."""
+    """Time forward and forward+backward of one contender (and its peak memory on CUDA, and with gpu_time its
+    kernel time per call); a mode that raises or is unsupported is recorded as {"na": reason}."""
 
     def forward(i: int) -> Tensor:
         return contender.op(sets[i % len(sets)], shape)
@@ -337,6 +356,8 @@ def bench_contender(
         try:
             with torch.set_grad_enabled(mode == "fwd_bwd"):
                 result[mode] = timing_summary(time_runs(step, device, args.warmup, args.repeats, args.max_seconds))
+                if device.type == "cuda" and gpu_time:
+                    result[mode]["gpu_ms"] = gpu_time_ms(step, device, GPU_TIME_RUNS)
                 if device.type == "cuda" and mode == "fwd_bwd":
                     result["fwd_bwd_peak_mib"] = peak_extra_memory(step, device) / MIB
         except (RuntimeError, ValueError) as error:
@@ -360,6 +381,11 @@ def median(row: dict[str, Any], contender: str, mode: str) -> float | None:
     return row["contenders"].get(contender, {}).get(mode, {}).get("median_ms")
 
 
+def gpu_ms(row: dict[str, Any], contender: str, mode: str) -> float | None:
+    """Kernel time per call (ms) of a contender's mode in a result row, or None when not measured."""
+    return row["contenders"].get(contender, {}).get(mode, {}).get("gpu_ms")
+
+
 def ratios(row: dict[str, Any]) -> dict[str, Any]:
     """Speed-up over torchvision (fwd+bwd; vs its fp16 where the dtype is missing) and cost over dense conv."""
 
@@ -375,6 +401,8 @@ def ratios(row: dict[str, Any]) -> dict[str, Any]:
         "torchvision_dtype": versus if tv_fb is not None else None,
         "dcnlab_over_dense_fwd": divide(median(row, "dcnlab", "fwd"), median(row, "dense", "fwd")),
         "dcnlab_over_dense_fwd_bwd": divide(dcn_fb, median(row, "dense", "fwd_bwd")),
+        "dcnlab_over_dense_fwd_gpu": divide(gpu_ms(row, "dcnlab", "fwd"), gpu_ms(row, "dense", "fwd")),
+        "dcnlab_over_dense_fwd_bwd_gpu": divide(gpu_ms(row, "dcnlab", "fwd_bwd"), gpu_ms(row, "dense", "fwd_bwd")),
     }
 
 
@@ -383,12 +411,12 @@ def bench_dense(sets: list[Inputs], shape: Shape, device: torch.device, args: ar
     choice (benchmark=False), "dense" being the faster of the two per mode. The autotuned pick alone varied up
     to 2.5x between runs on fresh machines, which made the dcnlab/dense ratios swing with it."""
     if device.type != "cuda":
-        return {"dense": bench_contender(DENSE, sets, shape, device, args)}
+        return {"dense": bench_contender(DENSE, sets, shape, device, args, gpu_time=True)}
     variants: dict[str, Any] = {}
     for name, autotune in (("dense_autotuned", True), ("dense_heuristic", False)):
         torch.backends.cudnn.benchmark = autotune
         try:
-            variants[name] = bench_contender(DENSE, sets, shape, device, args)
+            variants[name] = bench_contender(DENSE, sets, shape, device, args, gpu_time=True)
         finally:
             torch.backends.cudnn.benchmark = True
     best: dict[str, Any] = {}
@@ -408,7 +436,9 @@ def bench_row(shape: Shape, dtype_name: str, device: torch.device, args: argpars
     row["check"] = check_dcnlab(shape, dtype_name, device, args.seed)
     sets = input_sets(shape, dtype, device, args.seed)
     row["input_sets"] = len(sets)
-    row["contenders"] = {c.name: bench_contender(c, sets, shape, device, args) for c in (DCNLAB, TORCHVISION)}
+    row["contenders"] = {
+        c.name: bench_contender(c, sets, shape, device, args, gpu_time=c is DCNLAB) for c in (DCNLAB, TORCHVISION)
+    }
     row["contenders"].update(bench_dense(sets, shape, device, args))
     if dtype == torch.bfloat16 and shape.dims == 2:
         fp16_sets = [Inputs(*(t.detach().half().requires_grad_() for t in s[:5]), s.grad_output.half()) for s in sets]
@@ -565,6 +595,22 @@ def render_markdown(results: dict[str, Any]) -> str:
             fmt_ratio(ratio["dcnlab_over_dense_fwd_bwd"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(gpu_ms(row, "dcnlab", "fwd") is not None for row in rows):
+        lines += [
+            "",
+            f"kernel time per call, ms (torch.profiler: the CUDA kernels' times summed over {GPU_TIME_RUNS} calls, "
+            "divided by the calls; the host's speed does not enter it, so these ratios compare across machine "
+            "starts where a host-bound wall time above does not; dense: the variant picked above)",
+            "",
+            "| shape | dtype | dcnlab fwd | dcnlab f+b | dense fwd | dense f+b "
+            "| dcnlab / dense fwd | dcnlab / dense f+b |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            ratio = row["ratios"]
+            cells = [fmt_ms(gpu_ms(row, name, mode)) for name in ("dcnlab", "dense") for mode in ("fwd", "fwd_bwd")]
+            cells += [fmt_ratio(ratio["dcnlab_over_dense_fwd_gpu"]), fmt_ratio(ratio["dcnlab_over_dense_fwd_bwd_gpu"])]
+            lines.append(f"| {row['label']} | {SHORT_DTYPE[row['dtype']]} | " + " | ".join(cells) + " |")
     if meta["device"] == "cuda":
         names = ["dcnlab", "torchvision", "dense"] + (["torchvision_fp16"] if with_fp16 else [])
         lines += ["", "peak extra device memory of one fwd+bwd, MiB", ""]
