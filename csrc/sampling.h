@@ -134,18 +134,24 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// V consecutive elements at `source` (one Pack access) in acc_t. In CUDA device code bf16 pairs
-// widen from 32-bit words by one shift or one mask each (an fp32 is a bf16 with 16 more zero
-// mantissa bits): c10's conversion spends two instructions on the upper half of a word.
+#if defined(__CUDACC__)
+// The two bf16 of a 32-bit word (element 0 in the low half) in fp32, by one shift or one mask each
+// (an fp32 is a bf16 with 16 more zero mantissa bits): c10's conversion spends two instructions on
+// the upper half of a word.
+__device__ __forceinline__ void widen_bf16_pair(uint32_t word, float& first, float& second) {
+  first = __uint_as_float(word << 16);
+  second = __uint_as_float(word & 0xffff0000u);
+}
+#endif
+
+// V consecutive elements at `source` (one Pack access) in acc_t; in CUDA device code bf16 pairs by
+// widen_bf16_pair.
 template <typename acc_t, int V, typename T>
 DCN_HOST_DEVICE void load_widened(const T* source, acc_t (&values)[V]) {
 #if defined(__CUDA_ARCH__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && V % 2 == 0) {
     const auto words = *reinterpret_cast<const Pack<uint32_t, V / 2>*>(source);
-    for (int j = 0; j < V / 2; ++j) {
-      values[2 * j] = __uint_as_float(words.v[j] << 16);
-      values[2 * j + 1] = __uint_as_float(words.v[j] & 0xffff0000u);
-    }
+    for (int j = 0; j < V / 2; ++j) widen_bf16_pair(words.v[j], values[2 * j], values[2 * j + 1]);
     return;
   }
 #endif

@@ -411,7 +411,7 @@ def bench_dense(sets: list[Inputs], shape: Shape, device: torch.device, args: ar
     choice (benchmark=False), "dense" being the faster of the two per mode. The autotuned pick alone varied up
     to 2.5x between runs on fresh machines, which made the dcnlab/dense ratios swing with it."""
     if device.type != "cuda":
-        return {"dense": bench_contender(DENSE, sets, shape, device, args, gpu_time=True)}
+        return {"dense": bench_contender(DENSE, sets, shape, device, args)}
     variants: dict[str, Any] = {}
     for name, autotune in (("dense_autotuned", True), ("dense_heuristic", False)):
         torch.backends.cudnn.benchmark = autotune

@@ -133,10 +133,11 @@ struct RowWalk {
 
 // The dtype of the im2col backward's gradient columns (weight rows^T @ grad output, rounded from
 // the GEMM's fp32 accumulators; cuBLAS may reduce split-K partial sums in bf16 where PyTorch's
-// allow_bf16_reduced_precision_reduction allows it, as for any bf16 matmul): bf16 for bf16, whose exponent range is fp32's, so a grad
-// output scaled for AMP overflows it no sooner than the grad output itself, and the GEMM writes and
-// the sampling-gradient kernel reads half the bytes; opmath otherwise (fp16 columns, sums of C_out
-// products, could overflow where the fp16 grad output does not).
+// allow_bf16_reduced_precision_reduction allows it, as for any bf16 matmul): bf16 for bf16, whose
+// exponent range is fp32's, so a grad output scaled for AMP overflows it no sooner than the grad
+// output itself, and the GEMM writes and the sampling-gradient kernel reads half the bytes; opmath
+// otherwise (fp16 columns, sums of C_out products, could overflow where the fp16 grad output does
+// not).
 template <typename scalar_t>
 using grad_column_t =
     std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, at::opmath_type<scalar_t>>;

@@ -133,16 +133,14 @@ __device__ __forceinline__ uint4 as_bits(const Pack<scalar_t, kPack>& pack) {
 constexpr int kMaxZeroChannels = 2048;
 __device__ __align__(16) unsigned char zero_pack[2 * kMaxZeroChannels];
 
-// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32 (a bfloat16 is the top half
-// of its float: one shift or mask per element; c10's conversion takes two for an upper half).
+// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32 (bf16 by widen_bf16_pair).
 template <typename scalar_t>
 __device__ __forceinline__ void widen_pack(const uint4& bits, float (&x)[kPack]) {
   static_assert(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>, "half types");
   const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
   for (int w = 0; w < 4; ++w) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      x[2 * w] = __uint_as_float(words[w] << 16);
-      x[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+      widen_bf16_pair(words[w], x[2 * w], x[2 * w + 1]);
     } else {
       __half2 pair;
       memcpy(&pair, &words[w], sizeof(pair));
