@@ -13,9 +13,10 @@
 // compute the whole forward without columns and return true, or return false to use the columns
 // (its input is the op's input in the caller's layout, not the Layout's copy);
 // likewise backward_fused<D, scalar_t>(geo, input, offset, mask, weight_rows, grad_output, need,
-// grad_input, grad_offset, grad_mask, grad_weight_rows) for the backward (need: input, offset,
-// mask, weight; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in opmath; its
-// input likewise the op's);
+// grad_input, grad_offset, grad_mask, grad_weight_rows, grad_bias) for the backward (need: input,
+// offset, mask, weight, bias; it fills the wanted results, grad_weight_rows as (G, C_out/G, R) in
+// opmath, and may fill grad_bias, which bias_grad computes where it stays undefined; its input
+// likewise the op's);
 // plus bias_grad(grad_output), the sum of a contiguous (B, C_out, *out) grad output over all but
 // its channel dim in its dtype (accumulated in opmath, deterministic),
 // `column_t<scalar_t>`, the dtype of sampled columns, `grad_column_t<scalar_t>`, the dtype of
@@ -277,8 +278,7 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
                                : not_requested(input_arg);
   auto grad_offset = need_offset ? at::empty_like(offset) : not_requested(input_arg);
   auto grad_mask = need_mask ? at::empty_like(*mask) : not_requested(input_arg);
-  auto grad_bias = not_requested(input_arg);
-  if (need_bias) grad_bias = Sampler::bias_grad(grad_output);
+  at::Tensor fused_grad_bias;  // where a fused backward computes it on the way
   // Allocated by the first chunk's GEMM, accumulated into by the others.
   at::Tensor grad_weight_rows;
 
@@ -294,9 +294,9 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
       const auto w = layout.weight_rows(weight, column_dtype);
       // A backend may compute the whole backward without columns for some shapes and dtypes; it
       // takes the input as given (and may convert its layout a chunk at a time).
-      if (Sampler::template backward_fused<D, scalar_t>(geo, input_arg, offset, mask, w, grad_output,
-                                                        {need_input, need_offset, need_mask, need_weight}, grad_input,
-                                                        grad_offset, grad_mask, grad_weight_rows)) {
+      if (Sampler::template backward_fused<D, scalar_t>(
+              geo, input_arg, offset, mask, w, grad_output, {need_input, need_offset, need_mask, need_weight, need_bias},
+              grad_input, grad_offset, grad_mask, grad_weight_rows, fused_grad_bias)) {
         return;
       }
       const auto input = layout.input(input_arg);
@@ -351,6 +351,8 @@ GradTuple deform_conv_backward_dims(const at::Tensor& grad_output_arg, const at:
   } else {
     grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);  // empty batch
   }
+  auto grad_bias = not_requested(input_arg);
+  if (need_bias) grad_bias = fused_grad_bias.defined() ? fused_grad_bias : Sampler::bias_grad(grad_output);
   return std::make_tuple(grad_input, grad_offset, grad_weight, grad_bias, grad_mask);
 }
 

@@ -61,18 +61,29 @@ def test_fused_and_im2col_paths_match_float64_reference(dims, dtype, config, pat
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dims", [1, 2, 3])
-@pytest.mark.parametrize("in_channels", [32, 6])  # 16-byte packs, single channels
-def test_im2col_sampling_kernels_are_register_capped_only_for_2d_half_types(dims, dtype, in_channels, monkeypatch):
-    """The capped variants (more blocks per SM, measured for 2D half types) run exactly there."""
+@pytest.mark.parametrize("in_channels, groups", [(32, 1), (32, 2), (6, 1), (40, 1)])
+def test_im2col_sampling_kernels_are_register_capped_only_for_2d_half_types(
+    dims, dtype, in_channels, groups, monkeypatch
+):
+    """The capped variants (more blocks per SM, measured for 2D half types) run exactly there, except
+    that the sampling gradients of half types with one conv group and 4-channel packs take the
+    paired body (two packs per lane, never capped): 32 channels (16 per offset group: each lane has
+    two packs), 40 (20 per offset group: some lanes have one); 6 channels are single channels."""
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
-    case = make_case(dims, seed=3, in_channels=in_channels, out_channels=8, padding=1, offset_groups=2)
+    case = make_case(dims, seed=3, in_channels=in_channels, out_channels=8, groups=groups, padding=1, offset_groups=2)
     check_against_reference(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")
     names = kernel_names(lambda: fused_forward_backward(cuda_case))
     capped = dims == 2 and dtype != torch.float32
+    paired = dtype != torch.float32 and groups == 1 and in_channels % 8 == 0
     for kernel in ("sample_columns", "sampling_grads"):
-        assert any(f"{kernel}_capped_kernel" in name for name in names) == capped, names
-        assert any(f"{kernel}_kernel" in name for name in names) == (not capped), names
+        kernels = {name for name in names if kernel in name}
+        assert len(kernels) == 1, names
+        if kernel == "sampling_grads" and paired:
+            assert "sampling_grads_paired_kernel" in kernels.pop(), names
+            continue
+        assert any(f"{kernel}_capped_kernel" in name for name in kernels) == capped, names
+        assert any(f"{kernel}_kernel" in name for name in kernels) == (not capped), names
 
 
 def fused_forward_backward(case) -> None:
@@ -219,6 +230,43 @@ def test_fused_backward_computes_any_subset_of_gradients(wanted, out_channels, m
     grads = torch.autograd.grad(out, [tensors[name] for name in wanted], grad_output.to(out))
     for name, grad in zip(wanted, grads, strict=True):
         assert_close_to_scale(grad, expected[name], 3e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "dims, in_channels, out_channels, in_size, batch, fused",
+    [
+        (2, 64, 48, (128, 128), 5, True),
+        (2, 32, 96, (64, 64), 3, True),
+        (3, 32, 64, (8, 8, 6), 3, True),
+        (1, 128, 128, 4096, 9, False),
+        (2, 64, 160, 8, 2, False),
+    ],
+)
+def test_backward_bias_gradient_is_exact_and_deterministic(
+    dims, dtype, in_channels, out_channels, in_size, batch, fused
+):
+    # The fused backward kernels with one tile of output channels, except the 1-D 128 x 64 one, sum
+    # the bias gradient in their weight-gradient product (grad-output tiles @ ones), the tiles dealt
+    # out to the kernel-point blocks; the others leave it to the channel-sum kernel. With entries of
+    # +-1 every partial sum is an exact integer in fp32, so the result is the exact sum rounded
+    # once: a tile missed or counted twice changes it. Two launches (5 x 1 Mi and 9 x 0.5 Mi
+    # grad_input elements), both tile widths (64 and 128 output channels), a 3-D case, the 1-D
+    # kernel and 160 output channels (the im2col backward).
+    case = make_case(dims, batch=batch, in_channels=in_channels, out_channels=out_channels, in_size=in_size, padding=1)
+    leaves = case.to(dtype=dtype, device="cuda").leaves()
+    out = deform_conv(*leaves.args())
+    generator = torch.Generator().manual_seed(3)
+    signs = (torch.randint(0, 2, out.shape, generator=generator) * 2 - 1).to(torch.float64)
+    exact = signs.sum([0, *range(2, 2 + dims)]).to(dtype)
+    wanted = [leaves.weight, leaves.bias]
+    names = kernel_names(lambda: torch.autograd.grad(out, wanted, signs.to(out), retain_graph=True))
+    assert any("implicit_gemm" in name and "backward_kernel" in name for name in names) == (out_channels <= 128)
+    assert any("channel_sums" in name for name in names) == (not fused), names
+    first = torch.autograd.grad(out, wanted, signs.to(out), retain_graph=True)
+    second = torch.autograd.grad(out, wanted, signs.to(out))
+    assert torch.equal(first[1].cpu(), exact), (first[1], exact)
+    assert torch.equal(first[1], second[1])
 
 
 @pytest.mark.parametrize(

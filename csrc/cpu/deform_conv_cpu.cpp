@@ -81,7 +81,7 @@ struct CpuSampler {
   template <int D, typename scalar_t>
   static bool backward_fused(const ConvGeometry<D>&, const at::Tensor&, const at::Tensor&,
                              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                             std::array<bool, 4>, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+                             std::array<bool, 5>, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
     return false;
   }
 

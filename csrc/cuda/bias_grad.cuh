@@ -137,5 +137,45 @@ inline at::Tensor compute(const at::Tensor& grad_output_arg) {
   return out;
 }
 
+// out[c] = the sum over s of partial[s][c] for many runs (hundreds to thousands): a block of 32 x 32
+// threads per 32 channels, thread row r adding runs r, r + 32, ... in order, then row 0 adding the
+// 32 row sums in order; fixed order, so deterministic.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    sum_many_runs_kernel(const at::opmath_type<T>* __restrict__ partial, int64_t channels, int64_t runs,
+                         T* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ acc_t rows[32][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  acc_t total = 0;
+  if (c < channels) {
+    for (int64_t s = threadIdx.y; s < runs; s += 32) total += partial[s * channels + c];
+  }
+  rows[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < channels) {
+    acc_t sum = 0;
+    for (int r = 0; r < 32; ++r) sum += rows[r][threadIdx.x];
+    out[c] = static_cast<T>(sum);
+  }
+}
+
+// The sum over s of partial (runs, channels) in opmath (deterministic), as a (channels) tensor of
+// dtype `out_dtype`: for partial sums computed elsewhere (the fused backward's per-tile sums of its
+// grad-output tiles).
+inline at::Tensor sum_partials(const at::Tensor& partial, at::ScalarType out_dtype) {
+  TORCH_INTERNAL_ASSERT(partial.dim() == 2 && partial.is_contiguous() && partial.scalar_type() == at::toOpMathType(out_dtype));
+  const int64_t channels = partial.size(1);
+  auto out = at::empty({channels}, partial.options().dtype(out_dtype));
+  if (channels == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dcnlab::bias_grad::sum_partials", [&] {
+    const auto blocks = static_cast<unsigned>((channels + 31) / 32);
+    sum_many_runs_kernel<scalar_t><<<blocks, dim3(32, 32), 0, at::cuda::getCurrentCUDAStream()>>>(
+        partial.const_data_ptr<at::opmath_type<scalar_t>>(), channels, partial.size(0), out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace bias_grad
 }  // namespace dcnlab

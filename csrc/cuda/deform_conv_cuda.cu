@@ -260,6 +260,124 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
   }
 }
 
+// sampling_grads_body for half types with one conv group and channel packs of 4 (fp32 grad_input
+// packs of 16 bytes): each lane takes two packs per iteration, channels c..c+3 and
+// c + 4T..c + 4T + 3 of a team of T lanes, and issues both packs' corner and gradient-column loads
+// before it uses them, where the general body walks one pack per iteration; a vector atomic of the
+// team still covers 4T contiguous channels (whole 32-byte sectors). The position and mask
+// gradients come from one dot product per corner, sum_v grad[v] * x_corner[v], weighted by the
+// corner's slopes and weight (as in the fused backward) instead of per-channel position
+// derivatives.
+template <int D, typename scalar_t>
+__device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
+                          const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
+                          int64_t n, int shift, const grad_column_t<scalar_t>* __restrict__ grad_columns,
+                          scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
+                          float* __restrict__ grad_input, scalar_t* __restrict__ columns) {
+  static_assert(sizeof(scalar_t) == 2, "half types");
+  constexpr int V = 4;
+  constexpr int kCorners = Stencil<D, float>::kCorners;
+  __shared__ PointSlot<D, float> slots[kThreads];
+  const int team = 1 << shift;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = kThreads >> shift;
+  const int points = tile_points(shift);
+  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
+  const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
+  const int64_t K = geo.kernel_points;
+  const int64_t rows = n * geo.offset_groups * K;
+  const int64_t C = geo.in_channels;
+  const int64_t L = geo.out_plane;
+  const int64_t R = C * K;  // one conv group
+  const int64_t per_group = geo.channels_per_offset_group();
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t k = row % K;
+    const int64_t g = (row / K) % geo.offset_groups;
+    const int64_t b_local = row / (K * geo.offset_groups);
+    build_tile(slots, geo, offset, mask, b0 + b_local, g, k, first_l, points);
+    const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
+    float* sample_grad_input = grad_input ? grad_input + b_local * geo.in_plane * C : nullptr;
+    const int64_t c_end = (g + 1) * per_group;
+    for (int t = threadIdx.x >> shift; t < points; t += teams) {
+      const int64_t l = first_l + t;
+      const bool valid = l < L;
+      float grad_pos[D] = {};
+      float grad_mod = 0;
+      if (valid) {
+        const Stencil<D, float> stencil = slots[t].stencil;
+        const float modulation = slots[t].modulation;
+        const int64_t column_base = (b_local * L + l) * R + k * C;
+        for (int64_t c = g * per_group + V * lane; c < c_end; c += 2 * V * team) {
+          const int64_t c_pair[2] = {c, c + V * team};
+          const bool second = c_pair[1] < c_end;  // per_group % 4 == 0: a pack is whole or absent
+          float grad[2][V];
+          uint2 corners[kCorners][2];  // 4 channels each
+          for (int h = 0; h < 2; ++h) {
+            if (h == 0 || second) {
+              load_widened<float, V>(grad_columns + column_base + c_pair[h], grad[h]);
+            } else {
+              for (int v = 0; v < V; ++v) grad[h][v] = 0;
+            }
+            for (int corner = 0; corner < kCorners; ++corner) {
+              const bool load = stencil.inside[corner] && (h == 0 || second);
+              corners[corner][h] = load ? __ldg(reinterpret_cast<const uint2*>(sample_input + stencil.index[corner] + c_pair[h]))
+                                        : make_uint2(0, 0);
+            }
+          }
+          float values[2][V] = {};
+          for (int corner = 0; corner < kCorners; ++corner) {
+            if (!stencil.inside[corner]) continue;
+            const float weight = stencil.weight[corner];
+            float dot = 0;
+            for (int h = 0; h < 2; ++h) {
+              float x[V];
+              implicit_gemm::widen_pair<scalar_t>(corners[corner][h].x, x[0], x[1]);
+              implicit_gemm::widen_pair<scalar_t>(corners[corner][h].y, x[2], x[3]);
+              for (int v = 0; v < V; ++v) {
+                values[h][v] += weight * x[v];
+                dot += grad[h][v] * x[v];
+              }
+            }
+            if (want_position) {
+              grad_mod += weight * dot;
+              for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D, float>(stencil.frac, corner, a) * dot;
+            }
+          }
+          if (columns) {
+            store_pack<scalar_t, V>(columns + column_base + c, values[0], modulation);
+            if (second) store_pack<scalar_t, V>(columns + column_base + c_pair[1], values[1], modulation);
+          }
+          if (sample_grad_input) {
+            for (int corner = 0; corner < kCorners; ++corner) {
+              if (!stencil.inside[corner]) continue;
+              const float scale = modulation * stencil.weight[corner];
+              for (int h = 0; h < 2; ++h) {
+                if (h == 1 && !second) continue;
+                float scaled[V];
+                for (int v = 0; v < V; ++v) scaled[v] = grad[h][v] * scale;
+                atomic_add_pack<V>(sample_grad_input + stencil.index[corner] + c_pair[h], scaled);
+              }
+            }
+          }
+        }
+        for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
+      }
+      if (!want_position) continue;
+      for (int delta = team / 2; delta > 0; delta /= 2) {
+        for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
+        grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
+      }
+      if (valid && lane == 0) {
+        const int64_t mask_row = b0 * geo.offset_groups * K + row;
+        if (grad_offset) {
+          for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
+        }
+        if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
+      }
+    }
+  }
+}
+
 // The kernels of the two bodies above, with and without a register cap. The cap (blocks per SM
 // the compiler must fit) pays where the kernels are latency-bound and occupancy is limited by
 // registers. Measured for bf16 2D on H200 (docs/perf-notes.md, session 7): sample_columns 74 -> 64
@@ -296,6 +414,15 @@ template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNLAB_GRADS_PARAMS) {
   sampling_grads_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
                                       grad_input, columns);
+}
+// The paired body (half types, one conv group; V is the pack width, 4), without a register cap in
+// 2D too: with the cap of 3 blocks per SM it spilled 88 bytes and took 329 instead of 318 us for
+// B32 C256 28x28 and 1966 instead of 1910 us of fwd+bwd GPU time for B4 C256 100x168 on H200
+// (docs/perf-notes.md, session 10).
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
+  sampling_grads_paired_body<D, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
+                                          grad_input, columns);
 }
 #undef DCNLAB_GRADS_PARAMS
 #undef DCNLAB_SAMPLING_PARAMS
@@ -334,17 +461,20 @@ struct CudaSampler : layout_copy::ChannelsLast {
   }
 
   // The fused backward of implicit_gemm_backward.cuh where it applies; `need` is (input,
-  // offset, mask, weight).
+  // offset, mask, weight, bias); it computes the bias gradient on the way where it can (grad_bias
+  // stays undefined otherwise).
   template <int D, typename scalar_t>
   static bool backward_fused(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
                              const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows,
-                             const at::Tensor& grad_output, std::array<bool, 4> need, at::Tensor& grad_input,
-                             at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows) {
+                             const at::Tensor& grad_output, std::array<bool, 5> need, at::Tensor& grad_input,
+                             at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows,
+                             at::Tensor& grad_bias) {
     if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
       const auto w = weight_rows.contiguous();
       if (!implicit_gemm::backward_applies(geo, input, w)) return false;
       implicit_gemm::backward<D, scalar_t>(geo, input, offset, mask, w, grad_output, need[0], need[1], need[2],
-                                           need[3], grad_input, grad_offset, grad_mask, grad_weight_rows);
+                                           need[3], need[4], grad_input, grad_offset, grad_mask, grad_weight_rows,
+                                           grad_bias);
       return true;
     } else {
       return false;
@@ -376,11 +506,22 @@ struct CudaSampler : layout_copy::ChannelsLast {
     // Packs of 16 bytes of the fp32 (fp64) grad_input, so that each atomic is one vector add (the
     // gradient columns' pack is 8 bytes where they are bf16).
     constexpr int kPack = 16 / sizeof(at::opmath_type<scalar_t>);
-    const auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
+    auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
     auto launch = [&](auto kernel) {
       kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset,
                                                 grad_mask, grad_input, columns);
     };
+    if constexpr (sizeof(scalar_t) == 2) {
+      // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
+      // two covering the offset group's channels in steps of 8, so each lane takes both packs.
+      if (l.pack == kPack && geo.groups == 1) {
+        l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack));
+        l.grid.x = static_cast<unsigned>((geo.out_plane + tile_points(l.shift) - 1) / tile_points(l.shift));
+        launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     if constexpr (capped_sampling<D, scalar_t>()) {
       l.pack == kPack ? launch(sampling_grads_capped_kernel<D, kPack, scalar_t>)
                       : launch(sampling_grads_capped_kernel<D, 1, scalar_t>);

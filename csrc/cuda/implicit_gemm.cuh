@@ -133,22 +133,27 @@ __device__ __forceinline__ uint4 as_bits(const Pack<scalar_t, kPack>& pack) {
 constexpr int kMaxZeroChannels = 2048;
 __device__ __align__(16) unsigned char zero_pack[2 * kMaxZeroChannels];
 
-// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32 (bf16 by widen_bf16_pair).
+// The two half or bfloat16 values of a 32-bit word (element 0 in the low half) in fp32 (bf16 by
+// widen_bf16_pair).
+template <typename scalar_t>
+__device__ __forceinline__ void widen_pair(uint32_t word, float& first, float& second) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    widen_bf16_pair(word, first, second);
+  } else {
+    __half2 pair;
+    memcpy(&pair, &word, sizeof(pair));
+    const float2 f = __half22float2(pair);
+    first = f.x;
+    second = f.y;
+  }
+}
+
+// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32.
 template <typename scalar_t>
 __device__ __forceinline__ void widen_pack(const uint4& bits, float (&x)[kPack]) {
   static_assert(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>, "half types");
   const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
-  for (int w = 0; w < 4; ++w) {
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      widen_bf16_pair(words[w], x[2 * w], x[2 * w + 1]);
-    } else {
-      __half2 pair;
-      memcpy(&pair, &words[w], sizeof(pair));
-      const float2 f = __half22float2(pair);
-      x[2 * w] = f.x;
-      x[2 * w + 1] = f.y;
-    }
-  }
+  for (int w = 0; w < 4; ++w) widen_pair<scalar_t>(words[w], x[2 * w], x[2 * w + 1]);
 }
 
 // values[v] += weight * channel v of a 16-byte pack of 8 half or bfloat16 values, in fp32.

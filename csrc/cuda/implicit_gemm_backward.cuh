@@ -21,8 +21,9 @@
 //   4. accumulates grad_weight (BN x CH, fp32 fragments that stay in registers across tiles) on
 //      tensor cores from the grad-output tile and the columns.
 // Both products are mma.sync m16n8k16 with operands loaded by ldmatrix (the transposes by
-// ldmatrix.trans). At the end each block writes its partial weight gradient into its own slice of a workspace
-// (split over positions), which one sum reduces: deterministic, no atomics. The offset and mask
+// ldmatrix.trans). At the end each block adds its partial weight gradient (its positions' share)
+// into one fp32 buffer with vector atomics: the path is not deterministic anyway (grad_input), and
+// one buffer replaces a workspace slice per position split and the sum over them. The offset and mask
 // gradients are written directly when an offset group is one chunk (CH channels); otherwise each
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
@@ -38,6 +39,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include "atomics.cuh"
+#include "bias_grad.cuh"
 #include "implicit_gemm.cuh"
 #include "layout_copy.cuh"
 
@@ -95,17 +97,31 @@ struct BackwardArgs {
   scalar_t* grad_mask;
   float* grad_offset_sum;       // ... or summed over chunks with atomics (zeroed fp32)
   float* grad_mask_sum;
-  float* grad_weight_part;      // (splits, G, BN, R) fp32, or (G, weight_part_rows, R) that kTiled blocks add to with atomics
-  int64_t weight_part_rows;     // rows per group of grad_weight_part (kTiled: the output tiles x BN, else BN)
-  bool accumulate_weight;       // add to grad_weight_part instead of overwriting it
+  float* grad_weight_part;      // (G, weight_part_rows, R) fp32, zeroed, that every block adds its partial sum to
+  int64_t weight_part_rows;     // rows per group of grad_weight_part: the output tiles x BN
+  // (launches x splits x bias_period, C_out) fp32: partial sums of the bias gradient, one row per
+  // (launch, split, kernel point and chunk), this launch's first at row bias_row0; null: not wanted
+  // (one tile of output channels only).
+  float* bias_part;
+  int64_t bias_row0;
+  unsigned bias_period;  // K x the chunks of a conv group: the blocks that take turns per tile
   // Output channels in tiles of BN: the grad columns sum the products of tiles tile_begin ..
   // tile_begin + tile_count - 1 (one at a time through shared memory), the weight gradient is
   // that of the last of them.
   int tile_begin, tile_count;
 };
 
-// kTiled: C_out/G > BN (tile_begin, tile_count, atomic_weight and weight_part_rows are read);
-// otherwise one tile of output channels, and the compiled kernel has none of the tile loop.
+// Whether a backward kernel computes the bias gradient (BackwardArgs::bias_part): one tile of output
+// channels, and not the 128 x 64 tiles (the 1-D kernel), which already sit at the register limit:
+// there its 4 accumulators raised ptxas's spills from 16 to 64 bytes per thread and the kernel
+// took 829 instead of 801 us for B32 C128 4096 k9 on H200 (docs/perf-notes.md, session 10), more
+// than the separate bias kernel it saves (23.5 us).
+template <int BN, int CH, bool kTiled>
+constexpr bool fuses_bias() {
+  return !kTiled && !(BN == 128 && CH == 64);
+}
+
+// kTiled: C_out/G > BN (tile_begin and tile_count are read); otherwise one tile of output channels, and the compiled kernel has none of the tile loop.
 template <int D, int BN, int CH, bool kTiled, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     backward_kernel(const ConvGeometry<D> geo, const BackwardArgs<scalar_t> args) {
@@ -213,23 +229,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int quad_row = lane % 8;
   const int weight_row = (warp / kWarpsPerWeightRow) * 16;            // first output channel of this warp
   const int weight_col = (warp % kWarpsPerWeightRow) * kTiles * 8;    // first channel of this warp
-  const int64_t split = kTiled ? 0 : blockIdx.y;
-  const int64_t part_rows = kTiled ? args.weight_part_rows : BN;
   float* weight_part = args.grad_weight_part
-                           ? args.grad_weight_part + ((split * geo.groups + g) * part_rows + int64_t(last_tile) * BN) * R +
+                           ? args.grad_weight_part + (g * args.weight_part_rows + int64_t(last_tile) * BN) * R +
                                  static_cast<int64_t>(k) * in_per_group + c0
                            : nullptr;
   float weight_acc[kTiles][4] = {};
-  if (!kTiled && want_columns && args.accumulate_weight) {
-    for (int n = 0; n < kTiles; ++n) {
-      for (int half = 0; half < 2; ++half) {
-        const float2 value = *reinterpret_cast<const float2*>(
-            weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair);
-        weight_acc[n][2 * half] = value.x;
-        weight_acc[n][2 * half + 1] = value.y;
-      }
-    }
-  }
+  const int64_t split_index = blockIdx.y;
+  // The bias gradient: the tiles are dealt out in turn to the conv group's (kernel point, chunk)
+  // blocks, and the block whose turn it is adds grad-output tile @ ones to bias_acc in the
+  // weight-gradient product (rows weight_row + group and + 8 of the fragment; one warp per 16
+  // output channels). Fixed tiles and order per block: deterministic.
+  const bool bias_warp = fuses_bias<BN, CH, kTiled>() && args.bias_part != nullptr && weight_col == 0;
+  const unsigned bias_turn = blockIdx.x % args.bias_period;  // >= 1
+  constexpr unsigned kOnes = std::is_same_v<scalar_t, c10::BFloat16> ? 0x3f803f80u : 0x3c003c00u;  // (1, 1)
+  float bias_acc[4] = {};
 
   const int64_t tiles = (M + BM - 1) / BM;
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
@@ -419,9 +432,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < tile_end(last_tile)) {
+      const bool bias_tile = bias_warp && static_cast<unsigned>(tile) % args.bias_period == bias_turn;
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
         load_matrix_x4(a, smem.grad_out + (weight_row + quad_row + 8 * (quad % 2)) * kLdOut + p0 + 8 * (quad / 2), false);
+        if (bias_tile) mma_16816<scalar_t>(bias_acc, a, kOnes, kOnes);
         for (int n = 0; n < kTiles; n += 2) {
           unsigned b[4];
           load_matrix_x4(b, smem.columns + (p0 + quad_row + 8 * (quad % 2)) * kLd + weight_col + n * 8 + 8 * (quad / 2),
@@ -433,17 +448,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   copy_async_wait_all();  // a block without tiles still issued the weight-slice copies
+  if (bias_warp && lane % 4 == 0) {
+    float* row = args.bias_part + (args.bias_row0 + split_index * args.bias_period + bias_turn) * C_out +
+                 static_cast<int64_t>(g) * out_per_group;
+    for (int half = 0; half < 2; ++half) {
+      const int co = weight_row + group + half * 8;
+      if (co < out_per_group) row[co] = bias_acc[2 * half];
+    }
+  }
   if (want_columns) {
     for (int n = 0; n < kTiles; ++n) {
       for (int half = 0; half < 2; ++half) {
         float2* target =
             reinterpret_cast<float2*>(weight_part + (weight_row + group + half * 8) * R + weight_col + n * 8 + pair);
-        const float2 value = make_float2(weight_acc[n][2 * half], weight_acc[n][2 * half + 1]);
-        if constexpr (kTiled) {
-          atomic_add_pair(target, value);
-        } else {
-          *target = value;
-        }
+        atomic_add_pair(target, make_float2(weight_acc[n][2 * half], weight_acc[n][2 * half + 1]));
       }
     }
   }
@@ -459,8 +477,8 @@ int backward_blocks_per_sm() {
 // Splits of the positions for blocks_x blocks per split, over `tiles` position tiles. Every block
 // of a split runs ceil(tiles / splits) tiles and the blocks run in waves of `wave` resident
 // blocks, so the time goes with waves(splits) * ceil(tiles / splits). More splits are taken only
-// for a product at least 3% smaller: each split has its own slice of the weight-gradient
-// workspace, and a block's fixed costs (weight slice, partial sums) are paid once per split.
+// for a product at least 3% smaller: a block's fixed costs (weight slice, the atomics of its
+// partial weight gradient) are paid once per split.
 inline int64_t choose_splits(int64_t blocks_x, int64_t wave, int64_t tiles) {
   const int64_t limit = std::min<int64_t>({tiles, 65535, std::max<int64_t>(1, 16 * wave / blocks_x)});
   int64_t best = 1;
@@ -497,21 +515,22 @@ bool backward_applies(const ConvGeometry<D>& geo, const at::Tensor& input, const
 
 // The fused backward; grad_input, grad_offset and grad_mask are the op's results (written
 // here where wanted, each a defined tensor of its final shape), grad_weight_rows receives the
-// (G, C_out/G, R) fp32 weight gradient where wanted.
+// (G, C_out/G, R) fp32 weight gradient where wanted, and grad_bias the bias gradient (in the
+// input's dtype) where wanted and C_out/G fits one tile; it stays undefined otherwise.
 //
 // Each launch covers the samples whose fp32 grad_input buffer fits kGradInputBudget, with its own
 // channels-last copy of those samples' input. With one tile of output channels (C_out/G <= 128)
-// one launch computes every gradient, and the weight gradient is summed over position splits in
-// a workspace slice per split. Wider layers sum the grad columns over all tiles of 128 output
-// channels in one launch (the sampling gradients need the whole sum) and compute the weight
+// one launch computes every gradient. Wider layers sum the grad columns over all tiles of 128
+// output channels in one launch (the sampling gradients need the whole sum) and compute the weight
 // gradient one output tile per launch: the last tile with the sampling gradients, the others in
-// launches that only gather the columns; their blocks add their partial weight gradients into one
-// buffer with atomics, so the workspace does not grow with the splits.
+// launches that only gather the columns. Either way every block adds its partial weight gradient
+// into one fp32 buffer with atomics, so the workspace does not grow with the position splits.
 template <int D, typename scalar_t>
 void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, const at::Tensor& weight_rows, const at::Tensor& grad_output,
-              bool need_input, bool need_offset, bool need_mask, bool need_weight, at::Tensor& grad_input,
-              at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows) {
+              bool need_input, bool need_offset, bool need_mask, bool need_weight, bool need_bias,
+              at::Tensor& grad_input, at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_weight_rows,
+              at::Tensor& grad_bias) {
   const int64_t out_per_group = geo.out_channels / geo.groups;
   const int64_t in_per_group = geo.in_channels / geo.groups;
   const int64_t R = in_per_group * geo.kernel_points;
@@ -541,21 +560,22 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   const int64_t chunk = need_input ? driver_detail::even_chunk(geo.batch, per_sample, kGradInputBudget) : geo.batch;
   const at::Tensor grad_input_buffer = need_input ? layout.grad_input_buffer(chunk, geo, options) : at::Tensor();
 
-  auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm) {
+  auto run = [&](auto kernel, int block_n, int shared_bytes, int blocks_per_sm, bool kernel_sums_bias) {
     const int out_tiles = static_cast<int>((out_per_group + block_n - 1) / block_n);
-    const bool atomic_weight = out_tiles > 1;
-    // Splits over positions; without atomic_weight each split owns one slice of the
-    // weight-gradient workspace.
+    // Splits over positions.
     const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / chunk_channels);
     const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
     const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
     const int64_t splits = choose_splits(blocks_x, wave, tiles);
     const int64_t weight_rows_per_group = int64_t(out_tiles) * block_n;
     at::Tensor weight_part;
-    if (need_weight) {
-      weight_part = atomic_weight ? at::zeros({geo.groups, weight_rows_per_group, R}, options)
-                                  : at::empty({splits, geo.groups, weight_rows_per_group, R}, options);
-    }
+    if (need_weight) weight_part = at::zeros({geo.groups, weight_rows_per_group, R}, options);
+    // The bias gradient in the weight-gradient product where the kernel has it (fuses_bias()).
+    const bool fused_bias = need_bias && need_weight && kernel_sums_bias;
+    const int64_t bias_period = geo.kernel_points * (in_per_group / chunk_channels);
+    const int64_t launches = (geo.batch + chunk - 1) / chunk;
+    at::Tensor bias_part;
+    if (fused_bias) bias_part = at::empty({launches * splits * bias_period, geo.out_channels}, options);
     const bool vector_grad_out =
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
     auto launch = [&](const BackwardArgs<scalar_t>& args) {
@@ -585,7 +605,9 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
                                                 nullptr,
                                                 need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
                                                 weight_rows_per_group,
-                                                !atomic_weight && b0 > 0,
+                                                fused_bias ? bias_part.mutable_data_ptr<float>() : nullptr,
+                                                (b0 / chunk) * splits * bias_period,
+                                                static_cast<unsigned>(bias_period),
                                                 0,
                                                 1};
       // Weight-only launches for every output tile but the last, which the sampling launch takes.
@@ -608,9 +630,10 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
     }
     if (need_weight) {
-      auto rows = atomic_weight ? weight_part : weight_part.sum(0);
-      grad_weight_rows = weight_rows_per_group == out_per_group ? rows : rows.narrow(1, 0, out_per_group).contiguous();
+      grad_weight_rows =
+          weight_rows_per_group == out_per_group ? weight_part : weight_part.narrow(1, 0, out_per_group).contiguous();
     }
+    if (fused_bias) grad_bias = bias_grad::sum_partials(bias_part, input.scalar_type());
   };
   // One kernel per (BN, CH), and its tiled form for more than 128 output channels per group.
   auto pick = [&](auto block_n, auto channels) {
@@ -619,11 +642,13 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     constexpr int bytes = sizeof(BackwardShared<D, BN, CH>);
     if constexpr (BN == 128) {
       if (out_per_group > BN) {
-        run(backward_kernel<D, BN, CH, true, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, true, scalar_t>());
+        run(backward_kernel<D, BN, CH, true, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, true, scalar_t>(),
+            false);
         return;
       }
     }
-    run(backward_kernel<D, BN, CH, false, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, false, scalar_t>());
+    run(backward_kernel<D, BN, CH, false, scalar_t>, BN, bytes, backward_blocks_per_sm<D, BN, CH, false, scalar_t>(),
+        fuses_bias<BN, CH, false>());
   };
   using I64 = std::integral_constant<int, 64>;
   using I128 = std::integral_constant<int, 128>;
