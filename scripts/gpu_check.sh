@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The repository root on the path for the scripts run below (memcheck_case.py imports dcnlab); a
+# caller's PYTHONPATH is kept after it.
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .device ] && ls .device/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
