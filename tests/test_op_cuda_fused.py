@@ -239,6 +239,7 @@ def test_fused_backward_computes_any_subset_of_gradients(wanted, out_channels, m
         (2, 64, 48, (128, 128), 5, True),
         (2, 32, 96, (64, 64), 3, True),
         (3, 32, 64, (8, 8, 6), 3, True),
+        (2, 64, 72, (24, 24), 3, True),  # with groups=2 below: 36 output channels per group
         (1, 128, 128, 4096, 9, False),
         (2, 64, 160, 8, 2, False),
     ],
@@ -251,9 +252,20 @@ def test_backward_bias_gradient_is_exact_and_deterministic(
     # out to the kernel-point blocks; the others leave it to the channel-sum kernel. With entries of
     # +-1 every partial sum is an exact integer in fp32, so the result is the exact sum rounded
     # once: a tile missed or counted twice changes it. Two launches (5 x 1 Mi and 9 x 0.5 Mi
-    # grad_input elements), both tile widths (64 and 128 output channels), a 3-D case, the 1-D
-    # kernel and 160 output channels (the im2col backward).
-    case = make_case(dims, batch=batch, in_channels=in_channels, out_channels=out_channels, in_size=in_size, padding=1)
+    # grad_input elements), both tile widths (64 and 128 output channels), a 3-D case, two conv
+    # groups of 36 output channels (fragment rows past the group's last channel), the 1-D kernel and
+    # 160 output channels (the im2col backward).
+    groups = 2 if out_channels == 72 else 1
+    case = make_case(
+        dims,
+        batch=batch,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        groups=groups,
+        offset_groups=groups,
+        in_size=in_size,
+        padding=1,
+    )
     leaves = case.to(dtype=dtype, device="cuda").leaves()
     out = deform_conv(*leaves.args())
     generator = torch.Generator().manual_seed(3)

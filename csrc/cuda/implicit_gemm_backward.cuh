@@ -22,8 +22,11 @@
 //      tensor cores from the grad-output tile and the columns.
 // Both products are mma.sync m16n8k16 with operands loaded by ldmatrix (the transposes by
 // ldmatrix.trans). At the end each block adds its partial weight gradient (its positions' share)
-// into one fp32 buffer with vector atomics: the path is not deterministic anyway (grad_input), and
-// one buffer replaces a workspace slice per position split and the sum over them. The offset and mask
+// into one fp32 buffer with vector atomics, so its rounding can differ run to run (also when
+// grad_input, itself accumulated with atomics, is not wanted); the path never runs under
+// torch.use_deterministic_algorithms (backward_applies()), where the im2col backward keeps the
+// weight gradient deterministic. One buffer replaces a workspace slice per position split and the
+// sum over them. The offset and mask
 // gradients are written directly when an offset group is one chunk (CH channels); otherwise each
 // chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
 //
@@ -240,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // weight-gradient product (rows weight_row + group and + 8 of the fragment; one warp per 16
   // output channels). Fixed tiles and order per block: deterministic.
   const bool bias_warp = fuses_bias<BN, CH, kTiled>() && args.bias_part != nullptr && weight_col == 0;
-  const unsigned bias_turn = blockIdx.x % args.bias_period;  // >= 1
+  const unsigned bias_turn = blockIdx.x % args.bias_period;  // bias_period >= 1
   constexpr unsigned kOnes = std::is_same_v<scalar_t, c10::BFloat16> ? 0x3f803f80u : 0x3c003c00u;  // (1, 1)
   float bias_acc[4] = {};
 
@@ -432,7 +435,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < tile_end(last_tile)) {
-      const bool bias_tile = bias_warp && static_cast<unsigned>(tile) % args.bias_period == bias_turn;
+      // A split's i-th tile goes to turn i % bias_period: every turn of a split gets its share.
+      const bool bias_tile = bias_warp && static_cast<unsigned>(tile / gridDim.y) % args.bias_period == bias_turn;
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
         load_matrix_x4(a, smem.grad_out + (weight_row + quad_row + 8 * (quad % 2)) * kLdOut + p0 + 8 * (quad / 2), false);
