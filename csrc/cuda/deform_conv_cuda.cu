@@ -176,6 +176,27 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
   }
 }
 
+// The end of a point in the sampling-gradient kernels: the team's sums of the position and mask
+// gradients (shuffles over the whole warp, so every team runs every point iteration, also past the
+// end), written by the lane given `write` (lane 0 of a valid point). row = (b_local * G + g) * K + k,
+// so b0 * G * K + row is the point's row in the mask.
+template <int D, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void write_point_grads(const ConvGeometry<D>& geo, acc_t (&grad_pos)[D], acc_t grad_mod,
+                                                  int team, bool write, int64_t b0, int64_t row, int64_t l,
+                                                  scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
+  for (int delta = team / 2; delta > 0; delta /= 2) {
+    for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
+    grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
+  }
+  if (!write) return;
+  const int64_t L = geo.out_plane;
+  const int64_t mask_row = b0 * geo.offset_groups * geo.kernel_points + row;
+  if (grad_offset) {
+    for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
+  }
+  if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
+}
+
 // One pass for all sampling gradients: each (point, channel) reads its gradient column once,
 // adds its share to the point's offset and mask gradients (summed over the team with shuffles)
 // and scatters into grad_input (fp32 for half types, so the atomics are native fp32/fp64 adds;
@@ -244,18 +265,7 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      for (int delta = team / 2; delta > 0; delta /= 2) {
-        for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
-        grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
-      }
-      if (valid && lane == 0) {
-        // row = (b_local * G + g) * K + k, so b0 * G * K + row is the point's row in the mask.
-        const int64_t mask_row = b0 * geo.offset_groups * geo.kernel_points + row;
-        if (grad_offset) {
-          for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
-        }
-        if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
-      }
+      write_point_grads(geo, grad_pos, grad_mod, team, valid && lane == 0, b0, row, l, grad_offset, grad_mask);
     }
   }
 }
@@ -291,9 +301,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
   const int64_t R = C * K;  // one conv group
   const int64_t per_group = geo.channels_per_offset_group();
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const int64_t k = row % K;
-    const int64_t g = (row / K) % geo.offset_groups;
-    const int64_t b_local = row / (K * geo.offset_groups);
+    const RowWalk<D, V> walk(geo, n, row, lane);  // for its (b_local, g, k)
+    const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
     build_tile(slots, geo, offset, mask, b0 + b_local, g, k, first_l, points);
     const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
     float* sample_grad_input = grad_input ? grad_input + b_local * geo.in_plane * C : nullptr;
@@ -363,17 +372,7 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      for (int delta = team / 2; delta > 0; delta /= 2) {
-        for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
-        grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
-      }
-      if (valid && lane == 0) {
-        const int64_t mask_row = b0 * geo.offset_groups * K + row;
-        if (grad_offset) {
-          for (int a = 0; a < D; ++a) grad_offset[(mask_row * D + a) * L + l] = static_cast<scalar_t>(grad_pos[a]);
-        }
-        if (grad_mask) grad_mask[mask_row * L + l] = static_cast<scalar_t>(grad_mod);
-      }
+      write_point_grads(geo, grad_pos, grad_mod, team, valid && lane == 0, b0, row, l, grad_offset, grad_mask);
     }
   }
 }
