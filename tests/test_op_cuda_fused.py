@@ -362,3 +362,53 @@ def test_forced_fused_path_with_wide_tiles_matches_reference(dims, dtype, monkey
     check_against_reference(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")
     assert any("implicit_gemm" in name for name in kernel_names(lambda: deform_conv(*cuda_case.args())))
+
+
+@pytest.mark.parametrize("path", ["fused", "im2col"])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "in_channels, in_size, batch, offset_bytes, by_eight",
+    [
+        (64, (4096,), 2, 0, True),  # whole 32 x 64 tiles of the 8 x 8 register transposes
+        (40, (72,), 3, 0, True),  # partial tiles on both sides, both ways (40 x 72 and 72 x 40)
+        (32, (6, 12), 3, 0, True),
+        (32, (2, 4, 5), 2, 0, True),
+        (36, (5, 7), 2, 0, False),  # sides that are not multiples of 8: the shared-memory tiles
+        (32, (6, 12), 3, 2, None),  # an input 2 bytes off a 16-byte boundary (grad_input is aligned)
+    ],
+)
+def test_layout_copies_are_exact(in_channels, in_size, batch, offset_bytes, by_eight, dtype, path, monkeypatch):
+    # The input's copy to channels-last and the fp32 grad_input buffer's copy back to (B, C, *size)
+    # are pure copies (and one rounding): with zero offsets, a mask of ones and small integers every
+    # sum is exact in fp32, so the output and the input gradient equal the dense conv's in float64,
+    # rounded once, bit for bit; an element copied to or from the wrong place changes them.
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
+    dims = len(in_size)
+    generator = torch.Generator().manual_seed(11)
+    input = torch.randint(-3, 4, (batch, in_channels, *in_size), generator=generator).to(torch.float64)
+    weight = torch.randint(-2, 3, (16, in_channels, *([3] * dims)), generator=generator).to(torch.float64)
+    grad_output = torch.randint(-2, 3, (batch, 16, *in_size), generator=generator).to(torch.float64)
+    conv = [torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d][dims - 1]
+    reference_input = input.clone().requires_grad_()
+    expected = conv(reference_input, weight, padding=1)
+    (expected_grad_input,) = torch.autograd.grad(expected, reference_input, grad_output)
+
+    shift = offset_bytes // 2
+    storage = torch.zeros(input.numel() + 8, dtype=dtype, device="cuda")
+    cuda_input = storage[shift : shift + input.numel()].view(input.shape)
+    cuda_input.copy_(input)
+    assert (cuda_input.data_ptr() % 16 == 0) == (offset_bytes == 0)
+    cuda_input.requires_grad_()
+    offset = torch.zeros(batch, 3**dims * dims, *in_size, dtype=dtype, device="cuda")
+    mask = torch.ones(batch, 3**dims, *in_size, dtype=dtype, device="cuda")
+    cuda_weight = weight.to(dtype=dtype, device="cuda")
+
+    def forward_backward():
+        out = deform_conv(cuda_input, offset, cuda_weight, None, 1, 1, 1, mask)
+        return out, torch.autograd.grad(out, cuda_input, grad_output.to(out))[0]
+
+    names = kernel_names(forward_backward)
+    assert by_eight is None or any("transpose8_kernel" in name for name in names) == by_eight, names
+    out, grad_input = forward_backward()
+    assert torch.equal(out.cpu(), expected.to(dtype))
+    assert torch.equal(grad_input.cpu(), expected_grad_input.to(dtype))

@@ -40,15 +40,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = s * per_run;
   const int64_t end = std::min<int64_t>(vectors, begin + per_run);
   acc_t acc[kUnroll] = {};
+  // Vector j's (row b, vector q in the row), stepped by kThreads without a division per load (a
+  // 64-bit division per load made the kernel 8% slower on H200, docs/perf-notes.md session 11).
+  const int64_t step_rows = kThreads / row_vectors;
+  const int64_t step_vectors = kThreads % row_vectors;
+  int64_t b = (begin + threadIdx.x) / row_vectors;
+  int64_t q = begin + threadIdx.x - b * row_vectors;
   for (int64_t j0 = begin + threadIdx.x; j0 < end; j0 += kThreads * kUnroll) {
     Vec<T, V> loaded[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t j = j0 + u * kThreads;
-      if (j < end) {
-        const int64_t b = j / row_vectors;
-        const int64_t q = j - b * row_vectors;
+      if (j0 + u * kThreads < end) {
         loaded[u] = *reinterpret_cast<const Vec<T, V>*>(grad + (b * channels + c) * plane + q * V);
+      }
+      b += step_rows;
+      q += step_vectors;
+      if (q >= row_vectors) {
+        q -= row_vectors;
+        ++b;
       }
     }
 #pragma unroll
@@ -102,8 +111,8 @@ inline at::Tensor compute(const at::Tensor& grad_output_arg) {
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t vectors = batch * (plane / V);
-      // About four blocks per SM in all, each with at least 8 vectors per thread.
-      const int64_t target_blocks = 4 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      // About eight blocks per SM in all, each with at least 8 vectors per thread.
+      const int64_t target_blocks = 8 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
       const int64_t runs = std::clamp<int64_t>(
           std::min((target_blocks + channels - 1) / channels, vectors / (kThreads * 8)), 1, 65535);
       const int64_t per_run = (vectors + runs - 1) / runs;

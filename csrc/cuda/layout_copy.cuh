@@ -12,6 +12,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -80,6 +81,75 @@ __global__ void __launch_bounds__(kTile * kRowsPerPass)
   }
 }
 
+// dst[b][c][r] = src[b][r][c] in blocks of 8 x 8 elements held in registers, for a 16-bit dst and
+// a 16-bit or fp32 src whose rows and cols are multiples of 8 and whose pointers are 16-byte
+// aligned: each thread loads 8 src rows of 8 elements (16 or 32 bytes each) and stores 8 dst rows
+// of 8 elements (16 bytes each), with no shared memory. A warp covers 32 src rows x 64 src cols
+// (lane = rl + 4 cl: src rows 8 rl.., cols 8 cl..), so a src row's 8 lanes read 128 (fp32: 256)
+// contiguous bytes and a dst row's 4 lanes write 64; warps walk the (batch, row tile, col tile)
+// tiles grid-stride. 16-bit pairs are regrouped by byte permutes, fp32 pairs by one conversion to a
+// 16-bit pair. transpose_kernel above took 12.0 us for the 8.4 MB bf16 copy of 8 samples of B32
+// C128 4096 (91 registers: 2 blocks per SM, 16 KiB of loads in flight per SM) and 12.9 us for its
+// fp32 -> bf16 copy back; this kernel 7.6 and 9.4 us (memcpy of the same bytes: 7.2) on H200 with
+// a cold L2 (docs/perf-notes.md, session 11).
+template <typename out_t>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  return static_cast<uint32_t>(static_cast<out_t>(lo).x) | (static_cast<uint32_t>(static_cast<out_t>(hi).x) << 16);
+}
+
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(256)
+    transpose8_kernel(const in_t* __restrict__ src, out_t* __restrict__ dst, int rows, int cols, int row_tiles,
+                      int col_tiles, int tiles) {
+  static_assert(sizeof(out_t) == 2 && (sizeof(in_t) == 2 || std::is_same_v<in_t, float>), "16-bit results");
+  const int lane = threadIdx.x % 32;
+  const int rl = lane % 4;
+  const int cl = lane / 4;
+  const int per_matrix = row_tiles * col_tiles;
+  for (int t = static_cast<int>(blockIdx.x) * 8 + static_cast<int>(threadIdx.x) / 32; t < tiles;
+       t += static_cast<int>(gridDim.x) * 8) {
+    const int b = t / per_matrix;
+    const int rest = t - b * per_matrix;
+    const int rt = rest / col_tiles;
+    const int r0 = rt * 32 + rl * 8;
+    const int k0 = (rest - rt * col_tiles) * 64 + cl * 8;
+    if (r0 >= rows || k0 >= cols) continue;
+    const int64_t matrix = static_cast<int64_t>(b) * rows * cols;
+    const in_t* source = src + matrix + static_cast<int64_t>(r0) * cols + k0;
+    out_t* target = dst + matrix + static_cast<int64_t>(k0) * rows + r0;
+    uint4 out[8];  // dst row k0 + j: src rows r0..r0+7 of col k0 + j, as 4 pairs
+    if constexpr (sizeof(in_t) == 2) {
+      uint4 in[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) in[r] = *reinterpret_cast<const uint4*>(source + static_cast<int64_t>(r) * cols);
+      const uint32_t* x = reinterpret_cast<const uint32_t*>(in);  // x[4 r + i]: cols 2i, 2i+1 of row r
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t select = j % 2 ? 0x7632u : 0x5410u;  // the high or low halves of both words
+        out[j] = make_uint4(__byte_perm(x[0 + j / 2], x[4 + j / 2], select),
+                            __byte_perm(x[8 + j / 2], x[12 + j / 2], select),
+                            __byte_perm(x[16 + j / 2], x[20 + j / 2], select),
+                            __byte_perm(x[24 + j / 2], x[28 + j / 2], select));
+      }
+    } else {
+      float4 in[8][2];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        in[r][0] = *reinterpret_cast<const float4*>(source + static_cast<int64_t>(r) * cols);
+        in[r][1] = *reinterpret_cast<const float4*>(source + static_cast<int64_t>(r) * cols + 4);
+      }
+      const float* x = reinterpret_cast<const float*>(in);  // x[8 r + j]
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        out[j] = make_uint4(pack_pair<out_t>(x[j], x[8 + j]), pack_pair<out_t>(x[16 + j], x[24 + j]),
+                            pack_pair<out_t>(x[32 + j], x[40 + j]), pack_pair<out_t>(x[48 + j], x[56 + j]));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) *reinterpret_cast<uint4*>(target + static_cast<int64_t>(j) * rows) = out[j];
+  }
+}
+
 // The same for matrices with fewer than kTile rows or columns (the weights' (C_in/G, K) blocks,
 // K = 9 or 27; inputs of a few channels), where most of a tile's threads would idle. index_t:
 // 32-bit where the element count allows.
@@ -130,7 +200,29 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
                         dst.numel() == batch * rows * cols);
   if (batch == 0 || rows == 0 || cols == 0) return true;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  // Matrices with a side under kTile take small_transpose_kernel, the others the tiled kernel.
+  // 16-bit results of sides that are multiples of 8 take transpose8_kernel, other matrices with a
+  // side under kTile small_transpose_kernel, the rest the tiled kernel.
+  const bool sixteen_bit_out = dst.scalar_type() == at::kHalf || dst.scalar_type() == at::kBFloat16;
+  const int64_t row_tiles8 = (rows + 31) / 32;
+  const int64_t col_tiles8 = (cols + 63) / 64;
+  const int64_t tiles8 = batch * row_tiles8 * col_tiles8;
+  const unsigned blocks8 = static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((tiles8 + 7) / 8, 8 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount))));
+  if (sixteen_bit_out && rows % 8 == 0 && cols % 8 == 0 && rows < (int64_t(1) << 31) && cols < (int64_t(1) << 31) &&
+      tiles8 < (int64_t(1) << 31) - 8 * int64_t(blocks8) &&
+      reinterpret_cast<uintptr_t>(src.const_data_ptr()) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dst.const_data_ptr()) % 16 == 0) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dst.scalar_type(), "dcnlab::transpose", [&] {
+      auto launch8 = [&](const auto* source) {
+        transpose8_kernel<<<blocks8, 256, 0, stream>>>(source, dst.mutable_data_ptr<scalar_t>(), static_cast<int>(rows),
+                                                       static_cast<int>(cols), static_cast<int>(row_tiles8),
+                                                       static_cast<int>(col_tiles8), static_cast<int>(tiles8));
+      };
+      same ? launch8(src.const_data_ptr<scalar_t>()) : launch8(src.const_data_ptr<float>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
   const bool small = std::min(rows, cols) < kTile;
   const bool few_cols = cols <= rows;
   const int64_t work = few_cols ? batch * rows : batch * rows * cols;
