@@ -122,6 +122,19 @@ def test_fused_backward_with_aligned_positions_matches_reference(dims, dtype, co
     check_fused_backward(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_fused_backward_blocks_over_several_columns(dtype, monkeypatch):
+    # One block per (column, position split), column = (conv group, kernel point, channel chunk):
+    # twenty groups x 27 kernel points of one 128-position tile are 540 columns, more blocks than
+    # one wave (2 x 132 on H100/H200), each with its own weight slice, weight-gradient atomics and
+    # bias row.
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    case = make_case(
+        3, batch=1, in_channels=640, out_channels=640, groups=20, offset_groups=20, in_size=(4, 4, 8), padding=1, seed=9
+    )
+    check_fused_backward(case, dtype)
+
+
 @pytest.mark.parametrize("channels, fused", [(64, True), (128, True), (256, False)])
 def test_per_shape_pick(channels, fused):
     # Without DCNLAB_CUDA_PATH the forward and the backward are fused up to 128 channels per group.

@@ -47,9 +47,18 @@ namespace implicit_gemm {
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kBK = 32;        // channels per reduction step
-constexpr int kLd = kBK + 8;   // shared row length in elements: 80 bytes, 16-byte aligned ldmatrix rows on distinct banks
 constexpr int kPack = 8;       // channels per 16-byte gather
 constexpr int64_t kMaxFusedChannels = 128;  // per conv group, input and output (see applies())
+
+// Element offset of (row, 16-byte chunk) in a forward operand tile: rows of kBK = 32 elements (64
+// bytes, no padding) whose four chunks are XOR-swizzled by bits 1-2 of the row. The eight rows an
+// ldmatrix phase reads (one chunk each) and the two rows x four chunks of a gather or weight-copy
+// phase then fall on eight distinct 16-byte bank groups. The padded 80-byte rows before kept
+// ldmatrix conflict-free but made every gather store and weight copy a 2-way bank conflict
+// (docs/perf-notes.md, session 11).
+__host__ __device__ constexpr int operand_offset(int row, int chunk) {
+  return row * kBK + 8 * (chunk ^ ((row >> 1) & 3));
+}
 
 // Asynchronous 16-byte copy global -> shared (sm_80+); with src_bytes = 0 it writes zeros.
 __device__ __forceinline__ void copy_async_16(void* shared, const void* global, int src_bytes) {
@@ -245,8 +254,8 @@ struct alignas(128) ForwardShared {
   static constexpr int kScratchLd = BM + 8;
   union {
     struct {
-      __align__(16) uint16_t a[2][BM * kLd];  // sampled values, (position, channel), per stage
-      __align__(16) uint16_t b[2][BN * kLd];  // weight slice, (output channel, channel), per stage
+      __align__(16) uint16_t a[2][BM * kBK];  // sampled values, (position, channel), per stage (operand_offset)
+      __align__(16) uint16_t b[2][BN * kBK];  // weight slice, (output channel, channel), per stage
     } operands;
     __align__(16) uint16_t scratch[BN * kScratchLd];  // epilogue: (output channel, position)
   };
@@ -272,6 +281,10 @@ struct Window {
 };
 
 // Input window rows: C_in/G channels + 8 (16-byte aligned rows for the 16-byte corner reads).
+// Rows of 64 bytes modulo 128 (C_in/G rounded up to an odd multiple of 32) would put the two rows
+// of a gather phase on distinct bank halves more often, but made the window copy's 2-byte stores
+// (lanes over positions) a 16-way bank conflict: 274 -> 291 us for B32 C128 4096 k9 on H200
+// (docs/perf-notes.md, session 11).
 inline int window_ld(int64_t in_per_group) { return static_cast<int>(in_per_group) + 8; }
 
 // Shared memory of the window and its zero row.
@@ -499,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const bool valid = p < BN * kPacksPerRow && n0 + col < out_per_group;
     // An invalid copy reads nothing (0 bytes) from a valid address: the first weight row.
     weight_source[i] = valid ? weight_rows + (g * out_per_group + n0 + col) * R + pack * kPack : weight_rows;
-    weight_target[i] = p < BN * kPacksPerRow ? col * kLd + pack * kPack : -1;
+    weight_target[i] = p < BN * kPacksPerRow ? operand_offset(col, pack) : -1;
     weight_bytes[i] = valid ? 16 : 0;
   }
   // ldmatrix lane addresses: A tiles (rows g / g + 8, k 0-7 / 8-15) in the order a0..a3, B tiles
@@ -508,6 +521,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int a_col = 8 * (lane / 16);
   const int b_row = warp_n * kWarpN + lane % 8 + 8 * (lane / 16);
   const int b_col = 8 * ((lane / 8) % 2);
+  const int a_offset = operand_offset(a_row, a_col / 8);  // at kk = 0
+  const int b_offset = operand_offset(b_row, b_col / 8);
+  static_assert(kBK == 32, "the operand offsets at kk = 16 (a_offset ^ kk)");
   float acc[2][kTilesN][4] = {};
   int k = 0, c0 = 0;
   for (int s = 0; s < steps; ++s) {
@@ -556,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(values[v]);
-        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + row * kLd + (p % kPacksPerRow) * kPack) = out;
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + operand_offset(row, p % kPacksPerRow)) = out;
       }
     }
     // The next stencil set into the other buffer (its last readers finished before the
@@ -572,10 +588,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (switching) buffer ^= 1;
     for (int kk = 0; kk < kBK; kk += 16) {
       unsigned a[2][4];
-      for (int f = 0; f < 2; ++f) load_matrix_x4(a[f], a_tile + (a_row + f * 16) * kLd + kk + a_col, false);
+      // operand_offset(row + 16 f, chunk + kk / 8) = operand_offset(row, chunk) ^ kk + 16 f kBK: kk
+      // toggles bit 1 of the chunk (bit 4 of the offset), 16 f rows keep the swizzle.
+      for (int f = 0; f < 2; ++f) load_matrix_x4(a[f], a_tile + ((a_offset ^ kk) + f * 16 * kBK), false);
       for (int j = 0; j < kTilesN; j += 2) {
         unsigned b[4];
-        load_matrix_x4(b, b_tile + (b_row + j * 8) * kLd + kk + b_col, false);
+        load_matrix_x4(b, b_tile + ((b_offset ^ kk) + j * 8 * kBK), false);
         for (int f = 0; f < 2; ++f) {
           mma_16816<scalar_t>(acc[f][j], a[f], b[0], b[1]);
           mma_16816<scalar_t>(acc[f][j + 1], a[f], b[2], b[3]);
