@@ -41,8 +41,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t end = std::min<int64_t>(vectors, begin + per_run);
   acc_t acc[kUnroll] = {};
   // Vector j's (row b, vector q in the row), stepped by kThreads without a division per load: with
-  // a 64-bit division per load the kernel took 24.5 instead of 13.4 us in the fwd+bwd of B32 C128
-  // 4096 k9 on H200 (docs/perf-notes.md, session 11).
+  // a 64-bit division per load and four blocks per SM the kernel took 24.5 instead of 13.4 us in
+  // the fwd+bwd of B32 C128 4096 k9 on H200 (docs/perf-notes.md, session 11).
   const int64_t step_rows = kThreads / row_vectors;
   const int64_t step_vectors = kThreads % row_vectors;
   int64_t b = (begin + threadIdx.x) / row_vectors;
@@ -112,7 +112,8 @@ inline at::Tensor compute(const at::Tensor& grad_output_arg) {
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t vectors = batch * (plane / V);
-      // About eight blocks per SM in all, each with at least 8 vectors per thread.
+      // About eight blocks per SM in all (four before session 11: 12.0 -> 11.7 us for a cold 33.6 MB
+      // in a microbenchmark), each with at least 8 vectors per thread.
       const int64_t target_blocks = 8 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
       const int64_t runs = std::clamp<int64_t>(
           std::min((target_blocks + channels - 1) / channels, vectors / (kThreads * 8)), 1, 65535);
