@@ -39,6 +39,19 @@ __host__ __device__ __forceinline__ int tile_points(int shift) {
   return (kThreads >> shift) > 32 ? (kThreads >> shift) : 32;
 }
 
+// A block's tile of `points` consecutive output positions from first_l, and its `teams` teams of
+// `team` = 2^shift lanes; `lane` is this thread's lane in its team.
+struct TeamTile {
+  int team, lane, teams, points;
+  int64_t first_l;
+  __device__ __forceinline__ explicit TeamTile(int shift)
+      : team(1 << shift),
+        lane(static_cast<int>(threadIdx.x) & (team - 1)),
+        teams(kThreads >> shift),
+        points(tile_points(shift)),
+        first_l(static_cast<int64_t>(blockIdx.x) * points) {}
+};
+
 // How a kernel covers a chunk. Lanes take packs of `pack` consecutive channels (16-byte
 // accesses) when the channel counts and pointers allow it, else single channels. Grid: x over
 // tiles of consecutive output positions, y over the n*G*K rows (sample, offset group, kernel
@@ -155,19 +168,16 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
                           int64_t n, int shift, scalar_t* __restrict__ columns) {
   using coord_t = at::opmath_type<scalar_t>;
   __shared__ PointSlot<D, coord_t> slots[kThreads];
-  const int team = 1 << shift;
-  const int teams = kThreads >> shift;
-  const int points = tile_points(shift);
-  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
+  const TeamTile tile(shift);
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, threadIdx.x & (team - 1));
-    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
+    const RowWalk<D, V> walk(geo, n, row, tile.lane);
+    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, tile.first_l, tile.points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels;
-    for (int t = threadIdx.x >> shift; t < points && first_l + t < geo.out_plane; t += teams) {
+    for (int t = threadIdx.x >> shift; t < tile.points && tile.first_l + t < geo.out_plane; t += tile.teams) {
       const Stencil<D, coord_t> stencil = slots[t].stencil;
       const coord_t modulation = slots[t].modulation;
-      walk.for_each_pack(first_l + t, team, [&](int64_t c, int64_t column) {
+      walk.for_each_pack(tile.first_l + t, tile.team, [&](int64_t c, int64_t column) {
         coord_t values[V];
         interpolate_channels<D, V>(stencil, sample_input + c, values);
         store_pack<scalar_t, V>(columns + column, values, modulation);
@@ -210,31 +220,27 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
                           at::opmath_type<scalar_t>* __restrict__ grad_input, scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ PointSlot<D, acc_t> slots[kThreads];
-  const int team = 1 << shift;
-  const int lane = threadIdx.x & (team - 1);
-  const int teams = kThreads >> shift;
-  const int points = tile_points(shift);
-  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
+  const TeamTile tile(shift);
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   const int64_t C = geo.in_channels;
   const int64_t L = geo.out_plane;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, lane);
-    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, points);
+    const RowWalk<D, V> walk(geo, n, row, tile.lane);
+    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, tile.first_l, tile.points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * C;
     acc_t* sample_grad_input = grad_input ? grad_input + walk.b_local * geo.in_plane * C : nullptr;
     // Every team runs points / teams iterations (also past the end, as the shuffles need the
     // whole warp).
-    for (int t = threadIdx.x >> shift; t < points; t += teams) {
-      const int64_t l = first_l + t;
+    for (int t = threadIdx.x >> shift; t < tile.points; t += tile.teams) {
+      const int64_t l = tile.first_l + t;
       const bool valid = l < L;
       acc_t grad_pos[D] = {};
       acc_t grad_mod = 0;
       if (valid) {
         const Stencil<D, acc_t> stencil = slots[t].stencil;
         const acc_t modulation = slots[t].modulation;
-        walk.for_each_pack(l, team, [&](int64_t c, int64_t column) {
+        walk.for_each_pack(l, tile.team, [&](int64_t c, int64_t column) {
           acc_t grad[V];
           load_widened<acc_t, V>(grad_columns + column, grad);
           if (want_position) {
@@ -265,7 +271,8 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      write_point_grads(geo, grad_pos, grad_mod, team, valid && lane == 0, b0, row, l, grad_offset, grad_mask);
+      write_point_grads(geo, grad_pos, grad_mod, tile.team, valid && tile.lane == 0, b0, row, l, grad_offset,
+                        grad_mask);
     }
   }
 }
@@ -288,11 +295,7 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
   constexpr int V = 4;
   constexpr int kCorners = Stencil<D, float>::kCorners;
   __shared__ PointSlot<D, float> slots[kThreads];
-  const int team = 1 << shift;
-  const int lane = threadIdx.x & (team - 1);
-  const int teams = kThreads >> shift;
-  const int points = tile_points(shift);
-  const int64_t first_l = static_cast<int64_t>(blockIdx.x) * points;
+  const TeamTile tile(shift);
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
   const int64_t K = geo.kernel_points;
   const int64_t rows = n * geo.offset_groups * K;
@@ -301,14 +304,14 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
   const int64_t R = C * K;  // one conv group
   const int64_t per_group = geo.channels_per_offset_group();
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, lane);  // for its (b_local, g, k)
+    const RowWalk<D, V> walk(geo, n, row, tile.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
-    build_tile(slots, geo, offset, mask, b0 + b_local, g, k, first_l, points);
+    build_tile(slots, geo, offset, mask, b0 + b_local, g, k, tile.first_l, tile.points);
     const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
     float* sample_grad_input = grad_input ? grad_input + b_local * geo.in_plane * C : nullptr;
     const int64_t c_end = (g + 1) * per_group;
-    for (int t = threadIdx.x >> shift; t < points; t += teams) {
-      const int64_t l = first_l + t;
+    for (int t = threadIdx.x >> shift; t < tile.points; t += tile.teams) {
+      const int64_t l = tile.first_l + t;
       const bool valid = l < L;
       float grad_pos[D] = {};
       float grad_mod = 0;
@@ -316,8 +319,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
         const Stencil<D, float> stencil = slots[t].stencil;
         const float modulation = slots[t].modulation;
         const int64_t column_base = (b_local * L + l) * R + k * C;
-        for (int64_t c = g * per_group + V * lane; c < c_end; c += 2 * V * team) {
-          const int64_t c_pair[2] = {c, c + V * team};
+        for (int64_t c = g * per_group + V * tile.lane; c < c_end; c += 2 * V * tile.team) {
+          const int64_t c_pair[2] = {c, c + V * tile.team};
           const bool second = c_pair[1] < c_end;  // per_group % 4 == 0: a pack is whole or absent
           float grad[2][V];
           uint2 corners[kCorners][2];  // 4 channels each
@@ -372,7 +375,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      write_point_grads(geo, grad_pos, grad_mod, team, valid && lane == 0, b0, row, l, grad_offset, grad_mask);
+      write_point_grads(geo, grad_pos, grad_mod, tile.team, valid && tile.lane == 0, b0, row, l, grad_offset,
+                        grad_mask);
     }
   }
 }

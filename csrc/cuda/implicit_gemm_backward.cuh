@@ -25,10 +25,9 @@
 // into one fp32 buffer with vector atomics, so its rounding can differ run to run (also when
 // grad_input, itself accumulated with atomics, is not wanted); the path never runs under
 // torch.use_deterministic_algorithms (backward_applies()), where the im2col backward keeps the
-// weight gradient deterministic. One buffer replaces a workspace slice per position split and the
-// sum over them. The offset and mask
-// gradients are written directly when an offset group is one chunk (CH channels); otherwise each
-// chunk adds its channel sum with one fp32 atomic per (point, axis) into a buffer.
+// weight gradient deterministic. The offset and mask gradients are written directly when an offset
+// group is one chunk (CH channels); otherwise each chunk adds its channel sum with one fp32 atomic
+// per (point, axis) into a buffer.
 //
 // Output channels come in tiles of BN (64 or 128). A layer with more than 128 per group sums the
 // grad columns over its tiles, loading one grad-output tile and weight slice after the other into

@@ -206,8 +206,7 @@ inline bool transpose(const at::Tensor& src, at::Tensor& dst, int64_t batch, int
   const int64_t row_tiles8 = (rows + 31) / 32;
   const int64_t col_tiles8 = (cols + 63) / 64;
   const int64_t tiles8 = batch * row_tiles8 * col_tiles8;
-  const unsigned blocks8 = static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>((tiles8 + 7) / 8, 8 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount))));
+  const unsigned blocks8 = grid_stride_blocks(tiles8 * 32);  // a warp per tile, 8 per block
   if (sixteen_bit_out && rows % 8 == 0 && cols % 8 == 0 && rows < (int64_t(1) << 31) && cols < (int64_t(1) << 31) &&
       tiles8 < (int64_t(1) << 31) - 8 * int64_t(blocks8) &&
       reinterpret_cast<uintptr_t>(src.const_data_ptr()) % 16 == 0 &&
