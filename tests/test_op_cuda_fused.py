@@ -169,6 +169,11 @@ WINDOW_CONFIGS = [
     dict(in_channels=64, out_channels=96, kernel=9, padding=4, stride=2, in_size=300, offset_scale=20.0),
     dict(in_channels=32, out_channels=160, kernel=3, padding=1, in_size=202, offset_groups=1),
     dict(in_channels=32, out_channels=32, kernel=9, padding=600, dilation=150, in_size=300),
+    # Lengths that are multiples of 8 take the window copy by 16-byte runs: windows that start
+    # before the input and end past it, runs across a 32-byte sector (264), large offsets.
+    dict(in_channels=64, out_channels=64, kernel=9, padding=4, in_size=256),
+    dict(in_channels=96, out_channels=40, kernel=5, padding=6, in_size=264, offset_scale=20.0),
+    dict(in_channels=32, out_channels=64, kernel=3, padding=1, stride=3, in_size=8),
 ]
 
 

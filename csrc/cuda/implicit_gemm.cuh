@@ -422,23 +422,57 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t length_in = geo.in_size[0];
     const uint16_t* source =
         reinterpret_cast<const uint16_t*>(input) + (window_sample * C + static_cast<int64_t>(g) * in_per_group) * length_in;
-    // kFill channels per warp and pass, their loads issued before their stores (one load in
-    // flight per thread left the fill latency-bound: measured, session 6).
-    constexpr int kFill = 8;
-    for (int c0 = warp; c0 < in_per_group; c0 += kFill * (kThreads / 32)) {
-      for (int p = lane; p < window.length; p += 32) {
-        const int64_t x = window_lo + p;
-        const bool in_input = x >= 0 && x < length_in;
-        uint16_t values[kFill];
-#pragma unroll
-        for (int u = 0; u < kFill; ++u) {
-          const int c = c0 + u * (kThreads / 32);
-          values[u] = in_input && c < in_per_group ? __ldg(source + c * length_in + x) : uint16_t(0);
+    if (length_in % 8 == 0 && reinterpret_cast<uintptr_t>(input) % 16 == 0) {
+      // Channel rows of 16-byte aligned runs of 8 positions: each task loads 16 positions of one
+      // channel (two 16-byte loads, zeros outside the input) and stores the window's share of
+      // them, lanes over channels (conflict-free 2-byte stores). About 4 instructions per element
+      // against about 20 for the element-wise copy below, which was 12% of the 1-D forward's
+      // instructions (docs/perf-notes.md, session 12).
+      constexpr int kSpan = 16;
+      const int64_t first = window_lo & ~int64_t(kSpan - 1);  // rounded down, also below zero
+      const int lead = static_cast<int>(window_lo - first);
+      const int spans = (lead + static_cast<int>(window.length) + kSpan - 1) / kSpan;
+      for (int task = tid; task < spans * in_per_group; task += kThreads) {
+        const int c = task % in_per_group;
+        const int span = task / in_per_group;
+        const int64_t x = first + span * kSpan;
+        uint4 runs[2];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t at = x + 8 * h;
+          runs[h] = at >= 0 && at < length_in
+                        ? __ldg(reinterpret_cast<const uint4*>(source + c * length_in + at))
+                        : make_uint4(0, 0, 0, 0);
         }
+        const unsigned words[8] = {runs[0].x, runs[0].y, runs[0].z, runs[0].w,
+                                   runs[1].x, runs[1].y, runs[1].z, runs[1].w};
+        const int p0 = span * kSpan - lead;  // window position of the task's first element
 #pragma unroll
-        for (int u = 0; u < kFill; ++u) {
-          const int c = c0 + u * (kThreads / 32);
-          if (c < in_per_group) window_rows[p * window.ld + c] = values[u];
+        for (int v = 0; v < kSpan; ++v) {
+          const int p = p0 + v;
+          if (static_cast<unsigned>(p) < static_cast<unsigned>(window.length)) {
+            window_rows[p * window.ld + c] = static_cast<uint16_t>(words[v / 2] >> (16 * (v % 2)));
+          }
+        }
+      }
+    } else {
+      // kFill channels per warp and pass, their loads issued before their stores (one load in
+      // flight per thread left the fill latency-bound: measured, session 6).
+      constexpr int kFill = 8;
+      for (int c0 = warp; c0 < in_per_group; c0 += kFill * (kThreads / 32)) {
+        for (int p = lane; p < window.length; p += 32) {
+          const int64_t x = window_lo + p;
+          const bool in_input = x >= 0 && x < length_in;
+          uint16_t values[kFill];
+#pragma unroll
+          for (int u = 0; u < kFill; ++u) {
+            const int c = c0 + u * (kThreads / 32);
+            values[u] = in_input && c < in_per_group ? __ldg(source + c * length_in + x) : uint16_t(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kFill; ++u) {
+            const int c = c0 + u * (kThreads / 32);
+            if (c < in_per_group) window_rows[p * window.ld + c] = values[u];
+          }
         }
       }
     }
@@ -525,13 +559,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int b_offset = operand_offset(b_row, b_col / 8);
   static_assert(kBK == 32, "the operand offsets at kk = 16 (a_offset ^ kk)");
   float acc[2][kTilesN][4] = {};
-  int k = 0, c0 = 0;
+  int c0 = 0;  // the step's first channel
   for (int s = 0; s < steps; ++s) {
     uint16_t* a_tile = smem.operands.a[s & 1];
     uint16_t* b_tile = smem.operands.b[s & 1];
     // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
     // while this thread gathers.
-    const int64_t weight_step = static_cast<int64_t>(k) * in_per_group + c0;
+    const int64_t weight_step = static_cast<int64_t>(s) * kBK;  // = k * C_in/G + c0
     for (int i = 0; i < kWeightCopies; ++i) {
       if (weight_target[i] >= 0) {
         copy_async_16(b_tile + weight_target[i], weight_source[i] + weight_step, weight_bytes[i]);
@@ -601,10 +635,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     c0 += kBK;
-    if (c0 == in_per_group) {
-      c0 = 0;
-      ++k;
-    }
+    if (c0 == in_per_group) c0 = 0;
   }
 
   // Epilogue: bias in fp32, then (output channel, position) through shared memory so that the
@@ -628,13 +659,28 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   __syncthreads();
-  for (int e = tid; e < BN * BM; e += kThreads) {
-    const int col = e / BM;
-    const int row = e % BM;
-    const int64_t base = smem.out_base[row];
+  // Each thread stores runs of 8 tile rows of one output channel: one 16-byte store where the
+  // run is 8 consecutive positions of one sample at a 16-byte aligned address (every run when
+  // the output's positions per sample are a multiple of 8), element by element otherwise. The
+  // element-wise loop before cost ~28 instructions per element, 13% of the 1-D forward's
+  // (docs/perf-notes.md, session 12).
+  constexpr int kRuns = BM / 8;
+  static_assert(kScratchLd % 8 == 0, "16-byte aligned scratch runs");
+  for (int e = tid; e < BN * kRuns; e += kThreads) {
+    const int col = e / kRuns;
+    const int row = (e % kRuns) * 8;
     const int64_t channel = n0 + col;
-    if (base >= 0 && channel < out_per_group) {
-      output[base + (g * out_per_group + channel) * L] = scratch[col * kScratchLd + row];
+    if (channel >= out_per_group) continue;
+    const scalar_t* run = scratch + col * kScratchLd + row;
+    const int64_t base = smem.out_base[row];
+    scalar_t* plane = output + (g * out_per_group + channel) * L;
+    if (base >= 0 && smem.out_base[row + 7] == base + 7 && reinterpret_cast<uintptr_t>(plane + base) % 16 == 0) {
+      *reinterpret_cast<uint4*>(plane + base) = *reinterpret_cast<const uint4*>(run);
+    } else {
+      for (int v = 0; v < 8; ++v) {
+        const int64_t at = smem.out_base[row + v];
+        if (at >= 0) plane[at] = run[v];
+      }
     }
   }
 #endif
