@@ -191,16 +191,23 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t channel0 = static_cast<int64_t>(g) * out_per_group + t * BN;
     const int count = min(BN, out_per_group - t * BN);
     if (args.vector_grad_out) {
-      for (int p = tid; p < BN * (BM / 8); p += kThreads) {
-        const int co = p / (BM / 8);
-        const int q = p % (BM / 8);
-        const int64_t m = m0 + q * 8;
+      // Thread t always copies positions 8 (t % (BM / 8)) .. + 7 of the tile (one sample, as
+      // L % 8 == 0), output channels t / (BM / 8) + i * kThreads / (BM / 8): one division per
+      // tile, not one per copy (a 32-bit division and 64-bit address arithmetic per 16 bytes were
+      // ~30% of the 1-D backward's instructions: docs/perf-notes.md, session 12).
+      static_assert(kThreads % (BM / 8) == 0, "fixed positions per thread");
+      constexpr int kRowsPerPass = kThreads / (BM / 8);
+      const int q = tid % (BM / 8);
+      const int64_t m = m0 + q * 8;
+      int64_t b_local = 0, l = 0;
+      if (m < M) divide(m, L, b_local, l);
+      const scalar_t* source = args.grad_output + ((args.b0 + b_local) * C_out + channel0) * L + l;
+      uint16_t* target = smem.grad_out + q * 8;
+      for (int co = tid / (BM / 8); co < BN; co += kRowsPerPass) {
+        // An invalid copy reads nothing (0 bytes) from a valid address.
         const bool valid = co < count && m < M;
-        int64_t b_local = 0, l = 0;
-        if (valid) divide(m, L, b_local, l);
-        const scalar_t* source =
-            valid ? args.grad_output + ((args.b0 + b_local) * C_out + channel0 + co) * L + l : args.grad_output;
-        copy_async_16(smem.grad_out + co * kLdOut + q * 8, source, valid ? 16 : 0);
+        copy_async_16(target + co * kLdOut, valid ? source + static_cast<int64_t>(co) * L : args.grad_output,
+                      valid ? 16 : 0);
       }
     } else {
       // Thread t always covers position t % BM of the tile, output channels t / BM + i * kThreads / BM.
