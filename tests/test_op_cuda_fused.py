@@ -174,6 +174,8 @@ WINDOW_CONFIGS = [
     dict(in_channels=64, out_channels=64, kernel=9, padding=4, in_size=256),
     dict(in_channels=96, out_channels=40, kernel=5, padding=6, in_size=264, offset_scale=20.0),
     dict(in_channels=32, out_channels=64, kernel=3, padding=1, stride=3, in_size=8),
+    # Windows wholly before the input (window_lo = -308) and tiles wholly past it: all-zero runs.
+    dict(in_channels=32, out_channels=32, kernel=3, padding=300, in_size=16),
 ]
 
 
@@ -189,6 +191,29 @@ def test_fused_1d_forward_reads_any_input_layout_alike(dtype, config, monkeypatc
     assert channels_last.input.transpose(1, 2).is_contiguous()
     # The same stencils and the same order of operations: equal bit for bit.
     torch.testing.assert_close(deform_conv(*channels_last.args()), expected, rtol=0, atol=0)
+
+
+# The forward's epilogue stores a run of 8 tile rows as one 16-byte store where its positions are
+# contiguous in the output: with one output channel, runs that cross samples are (and take it);
+# with two conv groups of one channel each they are not (element by element).
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_forward_output_runs_across_samples(groups, monkeypatch):
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "fused")
+    case = make_case(
+        1,
+        batch=8,
+        in_channels=32 * groups,
+        out_channels=groups,
+        groups=groups,
+        offset_groups=groups,
+        in_size=5,
+        padding=1,
+        seed=52,
+    )
+    check_against_reference(case, torch.bfloat16)
+    cuda_case = case.to(dtype=torch.bfloat16, device="cuda")
+    names = kernel_names(lambda: deform_conv(*cuda_case.args()))
+    assert any("implicit_gemm" in name and "forward_kernel" in name for name in names), names
 
 
 @pytest.mark.parametrize("stride, dilation, padding", [(33818640, 1, 0), (1, 2**30, 2**30)])
@@ -393,6 +418,7 @@ def test_forced_fused_path_with_wide_tiles_matches_reference(dims, dtype, monkey
         (32, (2, 4, 5), 2, 0, True),
         (36, (5, 7), 2, 0, False),  # sides that are not multiples of 8: the shared-memory tiles
         (32, (6, 12), 3, 2, None),  # an input 2 bytes off a 16-byte boundary (grad_input is aligned)
+        (32, (64,), 2, 2, None),  # the same in 1-D: the window copy element by element
     ],
 )
 def test_layout_copies_are_exact(in_channels, in_size, batch, offset_bytes, by_eight, dtype, path, monkeypatch):
