@@ -114,10 +114,11 @@ struct BackwardArgs {
 };
 
 // Whether a backward kernel computes the bias gradient (BackwardArgs::bias_part): one tile of output
-// channels, and not the 128 x 64 tiles (the 1-D kernel), which already sit at the register limit:
-// there its 4 accumulators raised ptxas's spills from 16 to 64 bytes per thread and the kernel
-// took 829 instead of 801 us for B32 C128 4096 k9 on H200 (docs/perf-notes.md, session 10), more
-// than the separate bias kernel it saves (23.5 us).
+// channels, and not the 128 x 64 tiles (the 1-D kernel), which sat at the register limit: there
+// its 4 accumulators raised ptxas's spills from 16 to 64 bytes per thread and the kernel took 829
+// instead of 801 us for B32 C128 4096 k9 on H200 (docs/perf-notes.md, session 10), more than the
+// separate bias kernel it saves. Measured again once the grad-output copies freed registers
+// (session 12): fwd+bwd 1077 -> 1073 us, within 0.4%, so the split stays.
 template <int BN, int CH, bool kTiled>
 constexpr bool fuses_bias() {
   return !kTiled && !(BN == 128 && CH == 64);
