@@ -65,6 +65,12 @@ struct Launch {
 
 inline bool pack_aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Tiles of tile_points(shift) consecutive output positions (grid.x of a launch over points).
+template <int D>
+unsigned point_tiles(const ConvGeometry<D>& geo, int shift) {
+  return static_cast<unsigned>((geo.out_plane + tile_points(shift) - 1) / tile_points(shift));
+}
+
 template <int D>
 Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack, std::initializer_list<const void*> pointers) {
   const int64_t per_group = geo.channels_per_offset_group();
@@ -72,9 +78,8 @@ Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack
   for (const void* ptr : pointers) vectorize = vectorize && pack_aligned(ptr);
   const int pack = vectorize ? vector_pack : 1;
   const int shift = team_shift(per_group / pack);
-  const int64_t tiles = (geo.out_plane + tile_points(shift) - 1) / tile_points(shift);
   const int64_t rows = n * geo.offset_groups * geo.kernel_points;
-  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift, pack,
+  return {dim3(point_tiles(geo, shift), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift, pack,
           at::cuda::getCurrentCUDAStream()};
 }
 
@@ -519,7 +524,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
       // two covering the offset group's channels in steps of 8, so each lane takes both packs.
       if (l.pack == kPack && geo.groups == 1) {
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack));
-        l.grid.x = static_cast<unsigned>((geo.out_plane + tile_points(l.shift) - 1) / tile_points(l.shift));
+        l.grid.x = point_tiles(geo, l.shift);
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
