@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
@@ -24,38 +25,65 @@ namespace dcnlab {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxGridY = 65535;
+constexpr int kWarps = kThreads / 32;
 
-// log2 of the team size: the smallest power of two covering the channel packs, at most a warp.
-inline int team_shift(int64_t packs) {
+// log2 of the team size: the smallest power of two covering the channel packs, at most a warp,
+// and at least 32 / task_points lanes (so a warp has no more teams than its task has positions).
+inline int team_shift(int64_t packs, int task_points) {
   int shift = 0;
-  while ((int64_t(1) << shift) < packs && (1 << shift) < 32) ++shift;
+  while (((int64_t(1) << shift) < packs || (32 >> shift) > task_points) && (1 << shift) < 32) ++shift;
   return shift;
 }
 
-// Sample points per block tile: at least 32, and at least one per team. Every team gets the
-// same number of points (a power of two divides another), which the shuffles rely on.
-__host__ __device__ __forceinline__ int tile_points(int shift) {
-  return (kThreads >> shift) > 32 ? (kThreads >> shift) : 32;
-}
+// The sampling kernels split a chunk into warp tasks: `points` consecutive output positions of
+// one row (sample, offset group, kernel point), tasks numbered row by row. A warp builds its
+// task's stencils (lane i the one of position first_l + i) into its own shared slots, and its
+// 32 >> shift teams of 2^shift lanes take the positions in turn (team j positions j, j + teams,
+// ...), each lane a share of the point's channels. A warp syncs only with itself: no warp waits at
+// a block barrier while another builds stencils, and the row bookkeeping (RowWalk) is done once
+// per task.
+//
+// Task sizes measured on H200, bf16, 256-512 channels (docs/perf-notes.md, session 13; one build
+// with the size a kernel argument, us for 4 / 8 / 16 / 32 positions): sample_columns B32 C256 28x28 132 / 106 / 99 / 95, B32 C512 14x14
+// 52 / 49 / 48 / 68, B4 C256 100x168 373 / 309 / 305 / 364; sampling_grads_paired 322 / 303 / 303
+// / 327, 146 / 152 / 154 / 150, 920 / 887 / 917 / 1006. Small tasks leave lanes idle in the
+// stencil build; large ones leave too few tasks (B32 C512 14x14: 2016 warps of 32 positions) and
+// were slower for B4 C256 100x168 too, which has plenty.
+constexpr int kColumnTaskPoints = 16;  // sample_columns
+constexpr int kGradTaskPoints = 8;     // the sampling-gradient kernels
 
-// A block's tile of `points` consecutive output positions from first_l, and its `teams` teams of
-// `team` = 2^shift lanes; `lane` is this thread's lane in its team.
-struct TeamTile {
-  int team, lane, teams, points;
-  int64_t first_l;
-  __device__ __forceinline__ explicit TeamTile(int shift)
+// A warp's tasks of kPoints positions. Teams have at least 32 / kPoints lanes (team_shift), so
+// every team of a warp runs the same number of point iterations (the sampling-gradient kernels'
+// shuffles need the whole warp). A compile-time task size keeps the capped kernels' registers:
+// with the size a kernel argument, sample_columns spilled 32 bytes at its cap of 64 registers and
+// took 95 instead of 90 us for 32 positions (B32 C256 28x28, H200).
+template <int kPoints>
+struct WarpTasks {
+  static constexpr int points = kPoints;
+  int team, lane, teams, first_t, warp;
+  int64_t tiles_per_row, count;
+  __device__ __forceinline__ WarpTasks(int shift, int64_t rows, int64_t out_plane)
       : team(1 << shift),
         lane(static_cast<int>(threadIdx.x) & (team - 1)),
-        teams(kThreads >> shift),
-        points(tile_points(shift)),
-        first_l(static_cast<int64_t>(blockIdx.x) * points) {}
+        teams(32 >> shift),
+        first_t((static_cast<int>(threadIdx.x) & 31) >> shift),
+        warp(static_cast<int>(threadIdx.x) >> 5),
+        tiles_per_row((out_plane + points - 1) / points),
+        count(rows * tiles_per_row) {}
+  // The warp's tasks (the same in all its lanes): fn(row, first_l).
+  template <typename Fn>
+  __device__ __forceinline__ void for_each(Fn&& fn) const {
+    for (int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp; task < count;
+         task += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const int64_t row = task / tiles_per_row;
+      fn(row, (task - row * tiles_per_row) * points);
+    }
+  }
 };
 
 // How a kernel covers a chunk. Lanes take packs of `pack` consecutive channels (16-byte
-// accesses) when the channel counts and pointers allow it, else single channels. Grid: x over
-// tiles of consecutive output positions, y over the n*G*K rows (sample, offset group, kernel
-// point).
+// accesses) when the channel counts and pointers allow it, else single channels; grid: one warp
+// per task, at most kMaxBlocks blocks (the warps loop over the rest).
 struct Launch {
   dim3 grid;
   int shift;
@@ -63,49 +91,56 @@ struct Launch {
   cudaStream_t stream;
 };
 
+constexpr int64_t kMaxBlocks = int64_t(1) << 30;
+
 inline bool pack_aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Tiles of tile_points(shift) consecutive output positions (grid.x of a launch over points).
+// The grid of a launch of WarpTasks<points>.
 template <int D>
-unsigned point_tiles(const ConvGeometry<D>& geo, int shift) {
-  return static_cast<unsigned>((geo.out_plane + tile_points(shift) - 1) / tile_points(shift));
+void size_grid(Launch& l, const ConvGeometry<D>& geo, int64_t n, int points) {
+  const int64_t tasks = n * geo.offset_groups * geo.kernel_points * ((geo.out_plane + points - 1) / points);
+  l.grid = dim3(static_cast<unsigned>(std::clamp<int64_t>((tasks + kWarps - 1) / kWarps, 1, kMaxBlocks)));
 }
 
 template <int D>
-Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack, std::initializer_list<const void*> pointers) {
+Launch launch_over_points(const ConvGeometry<D>& geo, int64_t n, int vector_pack, int points,
+                          std::initializer_list<const void*> pointers) {
   const int64_t per_group = geo.channels_per_offset_group();
   bool vectorize = per_group % vector_pack == 0 && (geo.in_channels / geo.groups) % vector_pack == 0;
   for (const void* ptr : pointers) vectorize = vectorize && pack_aligned(ptr);
-  const int pack = vectorize ? vector_pack : 1;
-  const int shift = team_shift(per_group / pack);
-  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
-  return {dim3(point_tiles(geo, shift), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY))), shift, pack,
-          at::cuda::getCurrentCUDAStream()};
+  Launch l{};
+  l.pack = vectorize ? vector_pack : 1;
+  l.shift = team_shift(per_group / l.pack, points);
+  l.stream = at::cuda::getCurrentCUDAStream();
+  size_grid(l, geo, n, points);
+  return l;
 }
 
-// A tile's sample points, built once per point (phase 1) and then read by every lane that
-// handles one of the point's channels (phase 2). Stencil indices are scaled by C_in, so they
-// address the channels-last input directly.
+// A task's sample points, built once per point and then read by every lane that handles one of
+// the point's channels. Stencil indices are scaled by C_in, so they address the channels-last
+// input directly.
 template <int D, typename coord_t>
 struct PointSlot {
   Stencil<D, coord_t> stencil;
   coord_t modulation;
 };
 
+// Lane i < points of the warp builds the slot of position first_l + i into the warp's slots.
 template <int D, typename coord_t, typename scalar_t>
-__device__ __forceinline__ void build_tile(PointSlot<D, coord_t>* slots, const ConvGeometry<D>& geo,
+__device__ __forceinline__ void build_task(PointSlot<D, coord_t>* warp_slots, const ConvGeometry<D>& geo,
                                            const scalar_t* offset, const scalar_t* mask, int64_t b, int64_t g,
                                            int64_t k, int64_t first_l, int points) {
-  __syncthreads();  // the previous row's readers are done with the slots
-  if (threadIdx.x < points && first_l + threadIdx.x < geo.out_plane) {
-    PointSlot<D, coord_t>& slot = slots[threadIdx.x];
-    slot.modulation = load_sample_point(geo, offset, mask, b, g, k, first_l + threadIdx.x, slot.stencil);
+  __syncwarp();  // the warp's readers of its previous task are done with the slots
+  const int i = static_cast<int>(threadIdx.x) & 31;
+  if (i < points && first_l + i < geo.out_plane) {
+    PointSlot<D, coord_t>& slot = warp_slots[i];
+    slot.modulation = load_sample_point(geo, offset, mask, b, g, k, first_l + i, slot.stencil);
     for (int corner = 0; corner < Stencil<D, coord_t>::kCorners; ++corner) slot.stencil.index[corner] *= geo.in_channels;
   }
-  __syncthreads();
+  __syncwarp();
 }
 
-// The row (b_local, g, k) of a block and one lane's walk over the channels of offset group g.
+// The row (b_local, g, k) of a task and one lane's walk over the channels of offset group g.
 //
 // Channel c of the point at output position l goes to column
 // (gc*n*L + b_local*L + l)*R + k*C_in/G + (c - gc*C_in/G) of the (G, n*L, R) columns, gc being
@@ -160,11 +195,31 @@ template <typename scalar_t>
 using grad_column_t =
     std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, at::opmath_type<scalar_t>>;
 
+// 16-bit packs are stored as one vector of 32-bit words: NVVM lowers the copy of a Pack (of
+// c10::Half, c10::BFloat16, or of uint32_t words; also a memcpy into a uint4) into one store per
+// element (8 STG.U16 for a 16-byte pack of the im2col forward's columns; docs/perf-notes.md,
+// session 12). `target` is global memory (the column buffers).
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (&values)[V], at::opmath_type<T> scale) {
   Pack<T, V> pack;
   for (int v = 0; v < V; ++v) pack.v[v] = static_cast<T>(scale * values[v]);
-  *reinterpret_cast<Pack<T, V>*>(target) = pack;
+  if constexpr (sizeof(T) == 2 && (V == 2 || V == 4 || V == 8)) {
+    uint32_t words[V / 2];
+    for (int j = 0; j < V / 2; ++j) {
+      words[j] = static_cast<uint32_t>(pack.v[2 * j].x) | (static_cast<uint32_t>(pack.v[2 * j + 1].x) << 16);
+    }
+    // __stwb (the default write-back store) keeps the vector: a plain store of a uint4 or uint2
+    // is split into its 32-bit fields too.
+    if constexpr (V == 8) {
+      __stwb(reinterpret_cast<uint4*>(target), make_uint4(words[0], words[1], words[2], words[3]));
+    } else if constexpr (V == 4) {
+      __stwb(reinterpret_cast<uint2*>(target), make_uint2(words[0], words[1]));
+    } else {
+      *reinterpret_cast<uint32_t*>(target) = words[0];
+    }
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(target) = pack;
+  }
 }
 
 template <int D, int V, typename scalar_t>
@@ -172,23 +227,23 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, scalar_t* __restrict__ columns) {
   using coord_t = at::opmath_type<scalar_t>;
-  __shared__ PointSlot<D, coord_t> slots[kThreads];
-  const TeamTile tile(shift);
-  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, tile.lane);
-    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, tile.first_l, tile.points);
+  __shared__ PointSlot<D, coord_t> slots[kWarps * kColumnTaskPoints];
+  const WarpTasks<kColumnTaskPoints> tasks(shift, n * geo.offset_groups * geo.kernel_points, geo.out_plane);
+  PointSlot<D, coord_t>* warp_slots = slots + tasks.warp * tasks.points;
+  tasks.for_each([&](int64_t row, int64_t first_l) {
+    const RowWalk<D, V> walk(geo, n, row, tasks.lane);
+    build_task(warp_slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, tasks.points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels;
-    for (int t = threadIdx.x >> shift; t < tile.points && tile.first_l + t < geo.out_plane; t += tile.teams) {
-      const Stencil<D, coord_t> stencil = slots[t].stencil;
-      const coord_t modulation = slots[t].modulation;
-      walk.for_each_pack(tile.first_l + t, tile.team, [&](int64_t c, int64_t column) {
+    for (int t = tasks.first_t; t < tasks.points && first_l + t < geo.out_plane; t += tasks.teams) {
+      const Stencil<D, coord_t> stencil = warp_slots[t].stencil;
+      const coord_t modulation = warp_slots[t].modulation;
+      walk.for_each_pack(first_l + t, tasks.team, [&](int64_t c, int64_t column) {
         coord_t values[V];
         interpolate_channels<D, V>(stencil, sample_input + c, values);
         store_pack<scalar_t, V>(columns + column, values, modulation);
       });
     }
-  }
+  });
 }
 
 // The end of a point in the sampling-gradient kernels: the team's sums of the position and mask
@@ -199,7 +254,12 @@ template <int D, typename acc_t, typename scalar_t>
 __device__ __forceinline__ void write_point_grads(const ConvGeometry<D>& geo, acc_t (&grad_pos)[D], acc_t grad_mod,
                                                   int team, bool write, int64_t b0, int64_t row, int64_t l,
                                                   scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
-  for (int delta = team / 2; delta > 0; delta /= 2) {
+  // Unrolled over every delta a team of up to 32 lanes can need (team is a power of two, the same
+  // in the whole warp): the loop over team / 2 .. 1 had a runtime trip count and cost 14
+  // instructions a step, 10% of sampling_grads_paired's (docs/perf-notes.md, session 12).
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) {
+    if (delta >= team) continue;
     for (int a = 0; a < D; ++a) grad_pos[a] += __shfl_xor_sync(0xffffffffu, grad_pos[a], delta);
     grad_mod += __shfl_xor_sync(0xffffffffu, grad_mod, delta);
   }
@@ -224,28 +284,28 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
                           at::opmath_type<scalar_t>* __restrict__ grad_input, scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ PointSlot<D, acc_t> slots[kThreads];
-  const TeamTile tile(shift);
+  __shared__ PointSlot<D, acc_t> slots[kWarps * kGradTaskPoints];
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
-  const int64_t rows = n * geo.offset_groups * geo.kernel_points;
   const int64_t C = geo.in_channels;
   const int64_t L = geo.out_plane;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, tile.lane);
-    build_tile(slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, tile.first_l, tile.points);
+  const WarpTasks<kGradTaskPoints> tasks(shift, n * geo.offset_groups * geo.kernel_points, L);
+  PointSlot<D, acc_t>* warp_slots = slots + tasks.warp * tasks.points;
+  tasks.for_each([&](int64_t row, int64_t first_l) {
+    const RowWalk<D, V> walk(geo, n, row, tasks.lane);
+    build_task(warp_slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, tasks.points);
     const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * C;
     acc_t* sample_grad_input = grad_input ? grad_input + walk.b_local * geo.in_plane * C : nullptr;
     // Every team runs points / teams iterations (also past the end, as the shuffles need the
     // whole warp).
-    for (int t = threadIdx.x >> shift; t < tile.points; t += tile.teams) {
-      const int64_t l = tile.first_l + t;
+    for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
+      const int64_t l = first_l + t;
       const bool valid = l < L;
       acc_t grad_pos[D] = {};
       acc_t grad_mod = 0;
       if (valid) {
-        const Stencil<D, acc_t> stencil = slots[t].stencil;
-        const acc_t modulation = slots[t].modulation;
-        walk.for_each_pack(l, tile.team, [&](int64_t c, int64_t column) {
+        const Stencil<D, acc_t> stencil = warp_slots[t].stencil;
+        const acc_t modulation = warp_slots[t].modulation;
+        walk.for_each_pack(l, tasks.team, [&](int64_t c, int64_t column) {
           acc_t grad[V];
           load_widened<acc_t, V>(grad_columns + column, grad);
           if (want_position) {
@@ -276,10 +336,10 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      write_point_grads(geo, grad_pos, grad_mod, tile.team, valid && tile.lane == 0, b0, row, l, grad_offset,
+      write_point_grads(geo, grad_pos, grad_mod, tasks.team, valid && tasks.lane == 0, b0, row, l, grad_offset,
                         grad_mask);
     }
-  }
+  });
 }
 
 // sampling_grads_body for half types with one conv group and channel packs of 4 (fp32 grad_input
@@ -299,33 +359,33 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
   static_assert(sizeof(scalar_t) == 2, "half types");
   constexpr int V = 4;
   constexpr int kCorners = Stencil<D, float>::kCorners;
-  __shared__ PointSlot<D, float> slots[kThreads];
-  const TeamTile tile(shift);
+  __shared__ PointSlot<D, float> slots[kWarps * kGradTaskPoints];
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
   const int64_t K = geo.kernel_points;
-  const int64_t rows = n * geo.offset_groups * K;
   const int64_t C = geo.in_channels;
   const int64_t L = geo.out_plane;
   const int64_t R = C * K;  // one conv group
   const int64_t per_group = geo.channels_per_offset_group();
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowWalk<D, V> walk(geo, n, row, tile.lane);  // for its (b_local, g, k)
+  const WarpTasks<kGradTaskPoints> tasks(shift, n * geo.offset_groups * K, L);
+  PointSlot<D, float>* warp_slots = slots + tasks.warp * tasks.points;
+  tasks.for_each([&](int64_t row, int64_t first_l) {
+    const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
-    build_tile(slots, geo, offset, mask, b0 + b_local, g, k, tile.first_l, tile.points);
+    build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
     const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
     float* sample_grad_input = grad_input ? grad_input + b_local * geo.in_plane * C : nullptr;
     const int64_t c_end = (g + 1) * per_group;
-    for (int t = threadIdx.x >> shift; t < tile.points; t += tile.teams) {
-      const int64_t l = tile.first_l + t;
+    for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
+      const int64_t l = first_l + t;
       const bool valid = l < L;
       float grad_pos[D] = {};
       float grad_mod = 0;
       if (valid) {
-        const Stencil<D, float> stencil = slots[t].stencil;
-        const float modulation = slots[t].modulation;
+        const Stencil<D, float> stencil = warp_slots[t].stencil;
+        const float modulation = warp_slots[t].modulation;
         const int64_t column_base = (b_local * L + l) * R + k * C;
-        for (int64_t c = g * per_group + V * tile.lane; c < c_end; c += 2 * V * tile.team) {
-          const int64_t c_pair[2] = {c, c + V * tile.team};
+        for (int64_t c = g * per_group + V * tasks.lane; c < c_end; c += 2 * V * tasks.team) {
+          const int64_t c_pair[2] = {c, c + V * tasks.team};
           const bool second = c_pair[1] < c_end;  // per_group % 4 == 0: a pack is whole or absent
           float grad[2][V];
           uint2 corners[kCorners][2];  // 4 channels each
@@ -380,10 +440,10 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
       }
       if (!want_position) continue;
-      write_point_grads(geo, grad_pos, grad_mod, tile.team, valid && tile.lane == 0, b0, row, l, grad_offset,
+      write_point_grads(geo, grad_pos, grad_mod, tasks.team, valid && tasks.lane == 0, b0, row, l, grad_offset,
                         grad_mask);
     }
-  }
+  });
 }
 
 // The kernels of the two bodies above, with and without a register cap. The cap (blocks per SM
@@ -493,7 +553,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
     constexpr int kPack = 16 / sizeof(scalar_t);
-    const auto l = launch_over_points(geo, n, kPack, {input, columns});
+    const auto l = launch_over_points(geo, n, kPack, kColumnTaskPoints, {input, columns});
     auto launch = [&](auto kernel) {
       kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
     };
@@ -514,7 +574,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
     // Packs of 16 bytes of the fp32 (fp64) grad_input, so that each atomic is one vector add (the
     // gradient columns' pack is 8 bytes where they are bf16).
     constexpr int kPack = 16 / sizeof(at::opmath_type<scalar_t>);
-    auto l = launch_over_points(geo, n, kPack, {input, grad_columns, grad_input, columns});
+    auto l = launch_over_points(geo, n, kPack, kGradTaskPoints, {input, grad_columns, grad_input, columns});
     auto launch = [&](auto kernel) {
       kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, grad_columns, grad_offset,
                                                 grad_mask, grad_input, columns);
@@ -523,8 +583,8 @@ struct CudaSampler : layout_copy::ChannelsLast {
       // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
       // two covering the offset group's channels in steps of 8, so each lane takes both packs.
       if (l.pack == kPack && geo.groups == 1) {
-        l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack));
-        l.grid.x = point_tiles(geo, l.shift);
+        l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kGradTaskPoints);
+        size_grid(l, geo, n, kGradTaskPoints);
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
