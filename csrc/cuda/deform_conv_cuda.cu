@@ -59,6 +59,7 @@ constexpr int kGradTaskPoints = 8;     // the sampling-gradient kernels
 // took 95 instead of 90 us for 32 positions (B32 C256 28x28, H200).
 template <int kPoints>
 struct WarpTasks {
+  static_assert(kPoints > 0 && kPoints <= 32 && (kPoints & (kPoints - 1)) == 0, "a power of two, at most a warp");
   static constexpr int points = kPoints;
   int team, lane, teams, first_t, warp;
   int64_t tiles_per_row, count;
@@ -222,6 +223,24 @@ __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (
   }
 }
 
+// interpolate_channels for a pack of 8 half or bfloat16 channels: every inside corner's 16-byte
+// load is issued before the first is used. interpolate_channels loads each corner under its own
+// branch, and the SASS of sample_columns waited for each load in turn: four exposed load latencies
+// per position in 2D, its largest stall (docs/perf-notes.md, session 13). Same sums, same order.
+template <int D, typename scalar_t, typename coord_t>
+__device__ __forceinline__ void interpolate_pack(const Stencil<D, coord_t>& s, const scalar_t* plane,
+                                                 float (&value)[implicit_gemm::kPack]) {
+  constexpr int kCorners = Stencil<D, coord_t>::kCorners;
+  uint4 bits[kCorners];
+  for (int c = 0; c < kCorners; ++c) {
+    bits[c] = s.inside[c] ? __ldg(reinterpret_cast<const uint4*>(plane + s.index[c])) : make_uint4(0, 0, 0, 0);
+  }
+  for (int v = 0; v < implicit_gemm::kPack; ++v) value[v] = 0;
+  for (int c = 0; c < kCorners; ++c) {
+    if (s.inside[c]) implicit_gemm::accumulate_pack<scalar_t>(value, static_cast<float>(s.weight[c]), bits[c]);
+  }
+}
+
 template <int D, int V, typename scalar_t>
 __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
@@ -239,7 +258,11 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
       const coord_t modulation = warp_slots[t].modulation;
       walk.for_each_pack(first_l + t, tasks.team, [&](int64_t c, int64_t column) {
         coord_t values[V];
-        interpolate_channels<D, V>(stencil, sample_input + c, values);
+        if constexpr (sizeof(scalar_t) == 2 && V == implicit_gemm::kPack) {
+          interpolate_pack<D, scalar_t>(stencil, sample_input + c, values);
+        } else {
+          interpolate_channels<D, V>(stencil, sample_input + c, values);
+        }
         store_pack<scalar_t, V>(columns + column, values, modulation);
       });
     }
@@ -452,7 +475,10 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
 // registers (4 blocks per SM, 36 bytes of spill), sampling_grads 98 -> 80 (3 blocks, 56 bytes):
 // B32 C256 28x28 159 -> 131 and 430 -> 364 us, its fwd+bwd GPU time -10%; 4 blocks for
 // sampling_grads (64 registers) were slower than none. 3D (it would spill 150-430 bytes), 1D and
-// fp32/fp64 (not measured) keep the compiler's default.
+// fp32/fp64 (not measured) keep the compiler's default. Since interpolate_pack keeps four 16-byte
+// corner loads in flight, sample_columns is capped at 3 blocks (80 registers, 8 bytes of spill): at
+// 4 blocks it spilled 68 bytes, and B32 C256 28x28 / B4 C256 100x168 took 84.3 / 253.0 us against
+// 82.8 / 230.6 (B32 C512 14x14 41.4 against 43.6; session 13).
 template <int D, typename scalar_t>
 constexpr bool capped_sampling() {
   return D == 2 && sizeof(scalar_t) == 2;
@@ -466,7 +492,7 @@ __global__ void __launch_bounds__(kThreads) sample_columns_kernel(DCNLAB_SAMPLIN
   sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
 template <int D, int V, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 3)
     sample_columns_capped_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
   sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
