@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for the lent GPU machine (../shared/DEVICE.md): build the extension there for
-# Hopper, run the GPU tests, run compute-sanitizer memcheck on a small forward+backward, and
-# benchmark. Full logs go to $OUT (default /tmp/gpu_check); a short summary is printed last.
+# Hopper, run the GPU tests, run compute-sanitizer (memcheck, racecheck, synccheck) on a small
+# forward+backward, and benchmark. Full logs go to $OUT (default /tmp/gpu_check); a short
+# summary is printed last.
 #
 #   bash scripts/gpu_check.sh            # everything
 #   SKIP_BENCH=1 bash scripts/gpu_check.sh
@@ -36,12 +37,17 @@ rc=$?
 status+=("gpu tests: $(tail -n 1 "$OUT/gpu_tests.log") (exit $rc)")
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -n 30
 
+# memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory hazards between
+# threads (the kernels' warp-private stencil slots, the fused kernels' shared tiles); synccheck:
+# barriers and warp syncs reached by the wrong threads. SANITIZERS picks the tools.
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/memcheck_case.py >"$OUT/memcheck.log" 2>&1
-  rc=$?
-  status+=("memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1) (exit $rc)")
+  for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
+    compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/memcheck_case.py >"$OUT/$tool.log" 2>&1
+    rc=$?
+    status+=("$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -n 1) (exit $rc)")
+  done
 else
-  status+=("memcheck: compute-sanitizer not found")
+  status+=("compute-sanitizer: not found")
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
