@@ -44,9 +44,10 @@ inline int team_shift(int64_t packs, int task_points) {
 // per task.
 //
 // Task sizes measured on H200, bf16, 256-512 channels (docs/perf-notes.md, session 13; one build
-// with the size a kernel argument, us for 4 / 8 / 16 / 32 positions): sample_columns B32 C256 28x28 132 / 106 / 99 / 95, B32 C512 14x14
-// 52 / 49 / 48 / 68, B4 C256 100x168 373 / 309 / 305 / 364; sampling_grads_paired 322 / 303 / 303
-// / 327, 146 / 152 / 154 / 150, 920 / 887 / 917 / 1006. Small tasks leave lanes idle in the
+// with the size a kernel argument, us for 4 / 8 / 16 / 32 positions): sample_columns
+// B32 C256 28x28 132 / 106 / 99 / 95, B32 C512 14x14 52 / 49 / 48 / 68, B4 C256 100x168
+// 373 / 309 / 305 / 364; sampling_grads_paired 322 / 303 / 303 / 327, 146 / 152 / 154 / 150,
+// 920 / 887 / 917 / 1006. Small tasks leave lanes idle in the
 // stencil build; large ones leave too few tasks (B32 C512 14x14: 2016 warps of 32 positions) and
 // were slower for B4 C256 100x168 too, which has plenty.
 constexpr int kColumnTaskPoints = 16;  // sample_columns
@@ -202,23 +203,19 @@ using grad_column_t =
 // session 12). `target` is global memory (the column buffers).
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (&values)[V], at::opmath_type<T> scale) {
-  Pack<T, V> pack;
-  for (int v = 0; v < V; ++v) pack.v[v] = static_cast<T>(scale * values[v]);
-  if constexpr (sizeof(T) == 2 && (V == 2 || V == 4 || V == 8)) {
+  if constexpr (sizeof(T) == 2 && (V == 4 || V == 8)) {
     uint32_t words[V / 2];
-    for (int j = 0; j < V / 2; ++j) {
-      words[j] = static_cast<uint32_t>(pack.v[2 * j].x) | (static_cast<uint32_t>(pack.v[2 * j + 1].x) << 16);
-    }
+    for (int j = 0; j < V / 2; ++j) words[j] = layout_copy::pack_pair<T>(scale * values[2 * j], scale * values[2 * j + 1]);
     // __stwb (the default write-back store) keeps the vector: a plain store of a uint4 or uint2
     // is split into its 32-bit fields too.
     if constexpr (V == 8) {
       __stwb(reinterpret_cast<uint4*>(target), make_uint4(words[0], words[1], words[2], words[3]));
-    } else if constexpr (V == 4) {
-      __stwb(reinterpret_cast<uint2*>(target), make_uint2(words[0], words[1]));
     } else {
-      *reinterpret_cast<uint32_t*>(target) = words[0];
+      __stwb(reinterpret_cast<uint2*>(target), make_uint2(words[0], words[1]));
     }
   } else {
+    Pack<T, V> pack;
+    for (int v = 0; v < V; ++v) pack.v[v] = static_cast<T>(scale * values[v]);
     *reinterpret_cast<Pack<T, V>*>(target) = pack;
   }
 }
@@ -609,8 +606,8 @@ struct CudaSampler : layout_copy::ChannelsLast {
       // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
       // two covering the offset group's channels in steps of 8, so each lane takes both packs.
       if (l.pack == kPack && geo.groups == 1) {
+        // (The grid, one warp per task, does not depend on the team size.)
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kGradTaskPoints);
-        size_grid(l, geo, n, kGradTaskPoints);
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
