@@ -462,3 +462,34 @@ def test_layout_copies_are_exact(in_channels, in_size, batch, offset_bytes, by_e
     out, grad_input = forward_backward()
     assert torch.equal(out.cpu(), expected.to(dtype))
     assert torch.equal(grad_input.cpu(), expected_grad_input.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "dims, in_channels, offset_groups",
+    [(2, 136, 1), (2, 408, 3), (1, 256, 1), (3, 2048, 1), (2, 4096, 4)],
+)
+def test_paired_im2col_forward_writes_the_unpaired_columns(dims, dtype, in_channels, offset_groups, monkeypatch):
+    """The paired sample_columns body (two packs per lane, 128+ channels per offset group) against
+    the general body, bit for bit: 136 channels (17 packs: only lane 0 of a 16-lane team has a
+    second pack), 3 offset groups of 136, 1-D, 3-D with several pairs per lane, 4 offset groups of
+    1024; offsets far enough out that corners fall outside."""
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    case = make_case(
+        dims, seed=4, in_channels=in_channels, out_channels=8, offset_groups=offset_groups, padding=1, offset_scale=3.0
+    ).to(dtype=dtype, device="cuda")
+    leaves = case.leaves(requires_grad=False)
+    leaves.weight.requires_grad_()  # a weight-only backward samples the columns again
+    grad_output = random_grad_output(case)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        output = deform_conv(*leaves.args())
+        return output, torch.autograd.grad(output, leaves.weight, grad_output)[0]
+
+    assert any("sample_columns_paired" in name for name in kernel_names(run))
+    paired = run()
+    monkeypatch.setenv("DCNLAB_UNPAIRED_FORWARD", "1")
+    assert not any("sample_columns_paired" in name for name in kernel_names(run))
+    unpaired = run()
+    assert torch.equal(paired[0], unpaired[0])
+    assert torch.equal(paired[1], unpaired[1])

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
@@ -266,6 +267,62 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
   });
 }
 
+// sample_columns_body for half types with one conv group: each lane takes two packs of 8 channels
+// per position, channels c..c+7 and c + 8T..c + 8T + 7 of a team of T lanes, and issues both packs'
+// corner loads before it uses them (8 loads of 16 bytes in flight in 2D, where the general body
+// has 4), and the position's head (its stencil from shared memory, its column index) is paid once
+// per two packs. Same sums in the same order as interpolate_pack.
+template <int D, typename scalar_t>
+__device__ __forceinline__ void sample_columns_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
+                                                           const scalar_t* __restrict__ offset,
+                                                           const scalar_t* __restrict__ mask, int64_t b0, int64_t n,
+                                                           int shift, scalar_t* __restrict__ columns) {
+  static_assert(sizeof(scalar_t) == 2, "half types");
+  constexpr int V = implicit_gemm::kPack;
+  constexpr int kCorners = Stencil<D, float>::kCorners;
+  __shared__ PointSlot<D, float> slots[kWarps * kColumnTaskPoints];
+  const int64_t K = geo.kernel_points;
+  const int64_t C = geo.in_channels;
+  const int64_t L = geo.out_plane;
+  const int64_t R = C * K;  // one conv group
+  const int64_t per_group = geo.channels_per_offset_group();
+  const WarpTasks<kColumnTaskPoints> tasks(shift, n * geo.offset_groups * K, L);
+  PointSlot<D, float>* warp_slots = slots + tasks.warp * tasks.points;
+  tasks.for_each([&](int64_t row, int64_t first_l) {
+    const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
+    const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
+    build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
+    const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
+    const int64_t c_end = (g + 1) * per_group;
+    for (int t = tasks.first_t; t < tasks.points && first_l + t < L; t += tasks.teams) {
+      const int64_t l = first_l + t;
+      const Stencil<D, float> stencil = warp_slots[t].stencil;
+      const float modulation = warp_slots[t].modulation;
+      scalar_t* column_row = columns + (b_local * L + l) * R + k * C;
+      for (int64_t c = g * per_group + V * tasks.lane; c < c_end; c += 2 * V * tasks.team) {
+        const int64_t c_pair[2] = {c, c + V * tasks.team};
+        const bool second = c_pair[1] < c_end;  // per_group % 8 == 0: a pack is whole or absent
+        uint4 bits[2][kCorners];
+        for (int h = 0; h < 2; ++h) {
+          for (int corner = 0; corner < kCorners; ++corner) {
+            const bool load = stencil.inside[corner] && (h == 0 || second);
+            bits[h][corner] = load ? __ldg(reinterpret_cast<const uint4*>(sample_input + stencil.index[corner] + c_pair[h]))
+                                   : make_uint4(0, 0, 0, 0);
+          }
+        }
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && !second) continue;
+          float values[V] = {};
+          for (int corner = 0; corner < kCorners; ++corner) {
+            if (stencil.inside[corner]) implicit_gemm::accumulate_pack<scalar_t>(values, stencil.weight[corner], bits[h][corner]);
+          }
+          store_pack<scalar_t, V>(column_row + c_pair[h], values, modulation);
+        }
+      }
+    }
+  });
+}
+
 // The end of a point in the sampling-gradient kernels: the team's sums of the position and mask
 // gradients (shuffles over the whole warp, so every team runs every point iteration, also past the
 // end), written by the lane given `write` (lane 0 of a valid point). row = (b_local * G + g) * K + k,
@@ -493,6 +550,18 @@ __global__ void __launch_bounds__(kThreads, 3)
     sample_columns_capped_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
   sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
+// The paired forward body (half types, one conv group; V is the pack width, 8). Blocks per SM of
+// its register cap: ptxas (bf16) 2D 108 registers at 2 blocks without spills (80 at 3 blocks: 104
+// bytes of spill), 3D 128 at 2 blocks with 124 bytes (so uncapped), 1D 80 at 3 without.
+template <int D>
+constexpr int paired_forward_blocks() {
+  return D == 1 ? 3 : D == 2 ? 2 : 1;
+}
+template <int D, int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, paired_forward_blocks<D>())
+    sample_columns_paired_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
+  sample_columns_paired_body<D, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
+}
 #define DCNLAB_GRADS_PARAMS                                                                                    \
   DCNLAB_SAMPLING_PARAMS, const grad_column_t<scalar_t>*__restrict__ grad_columns, scalar_t *__restrict__ grad_offset, \
       scalar_t *__restrict__ grad_mask, at::opmath_type<scalar_t> *__restrict__ grad_input, scalar_t *__restrict__ columns
@@ -576,10 +645,23 @@ struct CudaSampler : layout_copy::ChannelsLast {
   static void sample_columns(const ConvGeometry<D>& geo, const scalar_t* input, const scalar_t* offset,
                              const scalar_t* mask, int64_t b0, int64_t n, scalar_t* columns) {
     constexpr int kPack = 16 / sizeof(scalar_t);
-    const auto l = launch_over_points(geo, n, kPack, kColumnTaskPoints, {input, columns});
+    auto l = launch_over_points(geo, n, kPack, kColumnTaskPoints, {input, columns});
     auto launch = [&](auto kernel) {
       kernel<<<l.grid, kThreads, 0, l.stream>>>(geo, input, offset, mask, b0, n, l.shift, columns);
     };
+    if constexpr (sizeof(scalar_t) == 2) {
+      // Two packs of 8 channels per lane (sample_columns_paired_body) where the offset group has
+      // 16 or more packs (128+ channels). DCNLAB_UNPAIRED_FORWARD (any value) selects the general
+      // body instead: same columns bit for bit (a GPU test compares the two), for A/B timing.
+      if (l.pack == kPack && geo.groups == 1 && geo.channels_per_offset_group() >= 16 * kPack &&
+          std::getenv("DCNLAB_UNPAIRED_FORWARD") == nullptr) {
+        l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kColumnTaskPoints);
+        size_grid(l, geo, n, kColumnTaskPoints);
+        launch(sample_columns_paired_kernel<D, kPack, scalar_t>);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     if constexpr (capped_sampling<D, scalar_t>()) {
       l.pack == kPack ? launch(sample_columns_capped_kernel<D, kPack, scalar_t>)
                       : launch(sample_columns_capped_kernel<D, 1, scalar_t>);
