@@ -271,7 +271,11 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
 // per position, channels c..c+7 and c + 8T..c + 8T + 7 of a team of T lanes, and issues both packs'
 // corner loads before it uses them (8 loads of 16 bytes in flight in 2D, where the general body
 // has 4), and the position's head (its stencil from shared memory, its column index) is paid once
-// per two packs. Same sums in the same order as interpolate_pack.
+// per two packs. Same sums in the same order as interpolate_pack. Corner addresses are 32-bit
+// offsets from the sample's base address (the caller checks that a sample's input has fewer than
+// 2^31 elements), and outside corners are summed as zeros with weight 0 instead of branched over.
+// With the base address kept in registers (below): 358 -> 264 instructions per position in the
+// SASS (2D bf16), B32 C256 28x28 77 -> 54 us (docs/perf-notes.md, session 14).
 template <int D, typename scalar_t>
 __device__ __forceinline__ void sample_columns_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                                                            const scalar_t* __restrict__ offset,
@@ -292,31 +296,45 @@ __device__ __forceinline__ void sample_columns_paired_body(const ConvGeometry<D>
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
     build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
-    const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
-    const int64_t c_end = (g + 1) * per_group;
+    // The sample's base address, opaque to the compiler: under the register cap it otherwise
+    // recomputed (b0 + b_local) * in_plane * C and reloaded `input` for every corner load (8
+    // instructions a load in the SASS); now each load's address is one IMAD.WIDE.U32.
+    uintptr_t base = reinterpret_cast<uintptr_t>(input + (b0 + b_local) * geo.in_plane * C);
+    asm("" : "+l"(base));
+    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(base);
+    const uint32_t c_end = static_cast<uint32_t>((g + 1) * per_group);
+    const uint32_t pair_step = static_cast<uint32_t>(V * tasks.team);  // a lane's first pack to its second
     for (int t = tasks.first_t; t < tasks.points && first_l + t < L; t += tasks.teams) {
       const int64_t l = first_l + t;
-      const Stencil<D, float> stencil = warp_slots[t].stencil;
-      const float modulation = warp_slots[t].modulation;
+      const PointSlot<D, float>& slot = warp_slots[t];
+      uint32_t index[kCorners];  // in-sample element offsets: the caller checks in_plane * C < 2^31
+      float weight[kCorners];    // 0 where the corner lies outside
+      bool inside[kCorners];
+      for (int corner = 0; corner < kCorners; ++corner) {
+        index[corner] = static_cast<uint32_t>(slot.stencil.index[corner]);
+        weight[corner] = slot.stencil.weight[corner];
+        inside[corner] = slot.stencil.inside[corner];
+      }
+      const float modulation = slot.modulation;
       scalar_t* column_row = columns + (b_local * L + l) * R + k * C;
-      for (int64_t c = g * per_group + V * tasks.lane; c < c_end; c += 2 * V * tasks.team) {
-        const int64_t c_pair[2] = {c, c + V * tasks.team};
-        const bool second = c_pair[1] < c_end;  // per_group % 8 == 0: a pack is whole or absent
+      for (uint32_t c = static_cast<uint32_t>(g * per_group) + V * tasks.lane; c < c_end; c += 2 * pair_step) {
+        const bool second = c + pair_step < c_end;  // per_group % 8 == 0: a pack is whole or absent
+        // Corners outside the input (and an absent second pack) get zero bits and weight 0, and
+        // the sums run over every corner: x + 0 * 0 == x, so they are those of interpolate_pack
+        // (a -0 may become +0), without a branch per corner.
         uint4 bits[2][kCorners];
-        for (int h = 0; h < 2; ++h) {
-          for (int corner = 0; corner < kCorners; ++corner) {
-            const bool load = stencil.inside[corner] && (h == 0 || second);
-            bits[h][corner] = load ? __ldg(reinterpret_cast<const uint4*>(sample_input + stencil.index[corner] + c_pair[h]))
-                                   : make_uint4(0, 0, 0, 0);
-          }
+        for (int corner = 0; corner < kCorners; ++corner) {
+          const uint32_t at = index[corner] + c;
+          bits[0][corner] = inside[corner] ? __ldg(reinterpret_cast<const uint4*>(sample_input + at)) : uint4{};
+          const bool load_second = inside[corner] && second;
+          bits[1][corner] = load_second ? __ldg(reinterpret_cast<const uint4*>(sample_input + (at + pair_step))) : uint4{};
         }
         for (int h = 0; h < 2; ++h) {
-          if (h == 1 && !second) continue;
           float values[V] = {};
           for (int corner = 0; corner < kCorners; ++corner) {
-            if (stencil.inside[corner]) implicit_gemm::accumulate_pack<scalar_t>(values, stencil.weight[corner], bits[h][corner]);
+            implicit_gemm::accumulate_pack<scalar_t>(values, weight[corner], bits[h][corner]);
           }
-          store_pack<scalar_t, V>(column_row + c_pair[h], values, modulation);
+          if (h == 0 || second) store_pack<scalar_t, V>(column_row + c + h * pair_step, values, modulation);
         }
       }
     }
@@ -550,9 +568,10 @@ __global__ void __launch_bounds__(kThreads, 3)
     sample_columns_capped_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
   sample_columns_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
-// The paired forward body (half types, one conv group; V is the pack width, 8). Blocks per SM of
-// its register cap: ptxas (bf16) 2D 108 registers at 2 blocks without spills (80 at 3 blocks: 104
-// bytes of spill), 3D 128 at 2 blocks with 124 bytes (so uncapped), 1D 80 at 3 without.
+// The paired forward body (half types, one conv group; V is the pack width, 8). ptxas (bf16): 2D 80
+// registers, 3D 128, 1D 64, no spills; the caps below no longer bind. Capped at 4 blocks per SM
+// (64 registers, no spills), B32 C256 28x28 / B32 C512 14x14 / B4 C256 100x168 took 54.6 / 30.4 /
+// 166.5 us against 53.7 / 29.2 / 152.7 (H200, docs/perf-notes.md, session 14).
 template <int D>
 constexpr int paired_forward_blocks() {
   return D == 1 ? 3 : D == 2 ? 2 : 1;
@@ -562,6 +581,7 @@ __global__ void __launch_bounds__(kThreads, paired_forward_blocks<D>())
     sample_columns_paired_kernel(DCNLAB_SAMPLING_PARAMS, scalar_t* __restrict__ columns) {
   sample_columns_paired_body<D, scalar_t>(geo, input, offset, mask, b0, n, shift, columns);
 }
+
 #define DCNLAB_GRADS_PARAMS                                                                                    \
   DCNLAB_SAMPLING_PARAMS, const grad_column_t<scalar_t>*__restrict__ grad_columns, scalar_t *__restrict__ grad_offset, \
       scalar_t *__restrict__ grad_mask, at::opmath_type<scalar_t> *__restrict__ grad_input, scalar_t *__restrict__ columns
@@ -654,7 +674,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
       // 16 or more packs (128+ channels). DCNLAB_UNPAIRED_FORWARD (any value) selects the general
       // body instead: same columns bit for bit (a GPU test compares the two), for A/B timing.
       if (l.pack == kPack && geo.groups == 1 && geo.channels_per_offset_group() >= 16 * kPack &&
-          std::getenv("DCNLAB_UNPAIRED_FORWARD") == nullptr) {
+          geo.in_plane * geo.in_channels < (int64_t(1) << 31) && std::getenv("DCNLAB_UNPAIRED_FORWARD") == nullptr) {
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kColumnTaskPoints);
         size_grid(l, geo, n, kColumnTaskPoints);
         launch(sample_columns_paired_kernel<D, kPack, scalar_t>);
