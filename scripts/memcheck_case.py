@@ -18,6 +18,7 @@ def run_case(
     in_size: tuple = (7, 6, 5),
     offset_groups: int = 2,
     out_channels: int = 6,
+    groups: int = 2,
 ) -> None:
     generator = torch.Generator(device="cuda").manual_seed(dims)
     kernel = (3,) * dims
@@ -33,7 +34,7 @@ def run_case(
     tensors = {
         "input": torch.randn(batch, channels, *in_size, device="cuda", generator=generator),
         "offset": offset,
-        "weight": torch.randn(out_channels, channels // 2, *kernel, device="cuda", generator=generator),
+        "weight": torch.randn(out_channels, channels // groups, *kernel, device="cuda", generator=generator),
         "bias": torch.randn(out_channels, device="cuda", generator=generator),
         "mask": torch.rand(batch, offset_groups * points, *out_size, device="cuda", generator=generator),
     }
@@ -58,13 +59,16 @@ def main() -> None:
             # per sample a multiple of 8 (16-byte grad-output copies) and not.
             run_case(dims, dtype, channels=64)
             run_case(dims, dtype, channels=64, in_size=(16, 8, 4), offset_groups=1)
+            # One conv group of 256 channels: the im2col path's paired kernels (two 8-channel packs
+            # per lane in the forward, two 4-channel packs in the sampling gradients).
+            run_case(dims, dtype, channels=256, offset_groups=1, groups=1, out_channels=16)
             # 160 output channels per group: the backward's loop over output tiles (forced).
             os.environ["DCNLAB_CUDA_PATH"] = "fused"
             try:
                 run_case(dims, dtype, channels=64, out_channels=320)
             finally:
                 del os.environ["DCNLAB_CUDA_PATH"]
-    print("memcheck cases ran: 3 dims x 4 dtypes (and the fused paths for half types), forward and backward")
+    print("memcheck cases ran: 3 dims x 4 dtypes (and the fused and paired paths for half types), forward and backward")
 
 
 if __name__ == "__main__":

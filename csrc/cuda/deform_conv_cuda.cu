@@ -467,8 +467,13 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
     build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
-    const scalar_t* sample_input = input + (b0 + b_local) * geo.in_plane * C;
-    float* sample_grad_input = grad_input ? grad_input + b_local * geo.in_plane * C : nullptr;
+    // Base addresses kept in registers and 32-bit corner offsets, as in sample_columns_paired_body
+    // (the caller checks that a sample's input has fewer than 2^31 elements).
+    uintptr_t input_base = reinterpret_cast<uintptr_t>(input + (b0 + b_local) * geo.in_plane * C);
+    uintptr_t grad_base = reinterpret_cast<uintptr_t>(grad_input ? grad_input + b_local * geo.in_plane * C : nullptr);
+    asm("" : "+l"(input_base), "+l"(grad_base));
+    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(input_base);
+    float* sample_grad_input = reinterpret_cast<float*>(grad_base);
     const int64_t c_end = (g + 1) * per_group;
     for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
       const int64_t l = first_l + t;
@@ -492,8 +497,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
             }
             for (int corner = 0; corner < kCorners; ++corner) {
               const bool load = stencil.inside[corner] && (h == 0 || second);
-              corners[corner][h] = load ? __ldg(reinterpret_cast<const uint2*>(sample_input + stencil.index[corner] + c_pair[h]))
-                                        : make_uint2(0, 0);
+              const uint32_t at = static_cast<uint32_t>(stencil.index[corner]) + static_cast<uint32_t>(c_pair[h]);
+              corners[corner][h] = load ? __ldg(reinterpret_cast<const uint2*>(sample_input + at)) : make_uint2(0, 0);
             }
           }
           float values[2][V] = {};
@@ -527,7 +532,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
                 if (h == 1 && !second) continue;
                 float scaled[V];
                 for (int v = 0; v < V; ++v) scaled[v] = grad[h][v] * scale;
-                atomic_add_pack<V>(sample_grad_input + stencil.index[corner] + c_pair[h], scaled);
+                const uint32_t at = static_cast<uint32_t>(stencil.index[corner]) + static_cast<uint32_t>(c_pair[h]);
+                atomic_add_pack<V>(sample_grad_input + at, scaled);
               }
             }
           }
@@ -707,7 +713,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
     if constexpr (sizeof(scalar_t) == 2) {
       // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
       // two covering the offset group's channels in steps of 8, so each lane takes both packs.
-      if (l.pack == kPack && geo.groups == 1) {
+      if (l.pack == kPack && geo.groups == 1 && geo.in_plane * geo.in_channels < (int64_t(1) << 31)) {
         // (The grid, one warp per task, does not depend on the team size.)
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kGradTaskPoints);
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
