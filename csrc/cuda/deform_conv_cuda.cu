@@ -224,7 +224,8 @@ __device__ __forceinline__ void store_pack(T* target, const at::opmath_type<T> (
 // interpolate_channels for a pack of 8 half or bfloat16 channels: every inside corner's 16-byte
 // load is issued before the first is used. interpolate_channels loads each corner under its own
 // branch, and the SASS of sample_columns waited for each load in turn: four exposed load latencies
-// per position in 2D, its largest stall (docs/perf-notes.md, session 13). Same sums, same order.
+// per position in 2D, its largest stall (docs/perf-notes.md, session 13). Same sums, same order
+// (outside corners add 0 * 0: a -0 may become +0).
 template <int D, typename scalar_t, typename coord_t>
 __device__ __forceinline__ void interpolate_pack(const Stencil<D, coord_t>& s, const scalar_t* plane,
                                                  float (&value)[implicit_gemm::kPack]) {
@@ -234,9 +235,8 @@ __device__ __forceinline__ void interpolate_pack(const Stencil<D, coord_t>& s, c
     bits[c] = s.inside[c] ? __ldg(reinterpret_cast<const uint4*>(plane + s.index[c])) : make_uint4(0, 0, 0, 0);
   }
   for (int v = 0; v < implicit_gemm::kPack; ++v) value[v] = 0;
-  for (int c = 0; c < kCorners; ++c) {
-    if (s.inside[c]) implicit_gemm::accumulate_pack<scalar_t>(value, static_cast<float>(s.weight[c]), bits[c]);
-  }
+  // Outside corners: zero bits and weight 0, summed without a branch (x + 0 * 0 == x).
+  for (int c = 0; c < kCorners; ++c) implicit_gemm::accumulate_pack<scalar_t>(value, static_cast<float>(s.weight[c]), bits[c]);
 }
 
 template <int D, int V, typename scalar_t>
@@ -250,7 +250,10 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
   tasks.for_each([&](int64_t row, int64_t first_l) {
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);
     build_task(warp_slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, tasks.points);
-    const scalar_t* sample_input = input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels;
+    // The sample's base address kept in registers (see sample_columns_paired_body).
+    uintptr_t base = reinterpret_cast<uintptr_t>(input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels);
+    asm("" : "+l"(base));
+    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(base);
     for (int t = tasks.first_t; t < tasks.points && first_l + t < geo.out_plane; t += tasks.teams) {
       const Stencil<D, coord_t> stencil = warp_slots[t].stencil;
       const coord_t modulation = warp_slots[t].modulation;
