@@ -15,14 +15,12 @@ __device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&val
   constexpr bool kVector = false;
 #endif
   if constexpr (kVector) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // A reduction (no value returned), spelled out: from atomicAdd(float4*), whose result is
     // unused, ptxas emitted ATOM instead of RED in the paired sampling-gradient kernels once
     // their addresses became 32-bit offsets from a base in registers.
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(target), "f"(values[0]), "f"(values[1]),
                  "f"(values[2]), "f"(values[3])
                  : "memory");
-#endif
   } else {
     for (int v = 0; v < V; ++v) atomicAdd(target + v, values[v]);
   }

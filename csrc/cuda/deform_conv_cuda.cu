@@ -36,6 +36,22 @@ inline int team_shift(int64_t packs, int task_points) {
   return shift;
 }
 
+// `pointer`, opaque to the compiler, so that it stays in registers: under register pressure the
+// compiler rebuilt a sample's base address from the kernel parameters at every corner load (about
+// 8 instructions each in the SASS of sample_columns; docs/perf-notes.md, session 14).
+template <typename T>
+__device__ __forceinline__ T* in_registers(T* pointer) {
+  uintptr_t bits = reinterpret_cast<uintptr_t>(pointer);
+  asm("" : "+l"(bits));
+  return reinterpret_cast<T*>(bits);
+}
+
+// Whether the paired kernels may address a sample's corners by 32-bit element offsets.
+template <int D>
+bool corner_offsets_fit_32_bits(const ConvGeometry<D>& geo) {
+  return geo.in_plane * geo.in_channels < (int64_t(1) << 31);
+}
+
 // The sampling kernels split a chunk into warp tasks: `points` consecutive output positions of
 // one row (sample, offset group, kernel point), tasks numbered row by row. A warp builds its
 // task's stencils (lane i the one of position first_l + i) into its own shared slots, and its
@@ -250,10 +266,7 @@ __device__ __forceinline__ void sample_columns_body(const ConvGeometry<D> geo, c
   tasks.for_each([&](int64_t row, int64_t first_l) {
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);
     build_task(warp_slots, geo, offset, mask, b0 + walk.b_local, walk.g, walk.k, first_l, tasks.points);
-    // The sample's base address kept in registers (see sample_columns_paired_body).
-    uintptr_t base = reinterpret_cast<uintptr_t>(input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels);
-    asm("" : "+l"(base));
-    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(base);
+    const scalar_t* sample_input = in_registers(input + (b0 + walk.b_local) * geo.in_plane * geo.in_channels);
     for (int t = tasks.first_t; t < tasks.points && first_l + t < geo.out_plane; t += tasks.teams) {
       const Stencil<D, coord_t> stencil = warp_slots[t].stencil;
       const coord_t modulation = warp_slots[t].modulation;
@@ -299,18 +312,14 @@ __device__ __forceinline__ void sample_columns_paired_body(const ConvGeometry<D>
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
     build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
-    // The sample's base address, opaque to the compiler: under the register cap it otherwise
-    // recomputed (b0 + b_local) * in_plane * C and reloaded `input` for every corner load (8
-    // instructions a load in the SASS); now each load's address is one IMAD.WIDE.U32.
-    uintptr_t base = reinterpret_cast<uintptr_t>(input + (b0 + b_local) * geo.in_plane * C);
-    asm("" : "+l"(base));
-    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(base);
+    // Each corner load's address is one IMAD.WIDE.U32 from this base.
+    const scalar_t* sample_input = in_registers(input + (b0 + b_local) * geo.in_plane * C);
     const uint32_t c_end = static_cast<uint32_t>((g + 1) * per_group);
     const uint32_t pair_step = static_cast<uint32_t>(V * tasks.team);  // a lane's first pack to its second
     for (int t = tasks.first_t; t < tasks.points && first_l + t < L; t += tasks.teams) {
       const int64_t l = first_l + t;
       const PointSlot<D, float>& slot = warp_slots[t];
-      uint32_t index[kCorners];  // in-sample element offsets: the caller checks in_plane * C < 2^31
+      uint32_t index[kCorners];  // in-sample element offsets (the caller checks corner_offsets_fit_32_bits)
       float weight[kCorners];    // 0 where the corner lies outside
       bool inside[kCorners];
       for (int corner = 0; corner < kCorners; ++corner) {
@@ -470,13 +479,10 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
     const RowWalk<D, V> walk(geo, n, row, tasks.lane);  // for its (b_local, g, k)
     const int64_t k = walk.k, g = walk.g, b_local = walk.b_local;
     build_task(warp_slots, geo, offset, mask, b0 + b_local, g, k, first_l, tasks.points);
-    // Base addresses kept in registers and 32-bit corner offsets, as in sample_columns_paired_body
-    // (the caller checks that a sample's input has fewer than 2^31 elements).
-    uintptr_t input_base = reinterpret_cast<uintptr_t>(input + (b0 + b_local) * geo.in_plane * C);
-    uintptr_t grad_base = reinterpret_cast<uintptr_t>(grad_input ? grad_input + b_local * geo.in_plane * C : nullptr);
-    asm("" : "+l"(input_base), "+l"(grad_base));
-    const scalar_t* sample_input = reinterpret_cast<const scalar_t*>(input_base);
-    float* sample_grad_input = reinterpret_cast<float*>(grad_base);
+    // Base addresses in registers and 32-bit corner offsets, as in sample_columns_paired_body
+    // (the caller checks corner_offsets_fit_32_bits).
+    const scalar_t* sample_input = in_registers(input + (b0 + b_local) * geo.in_plane * C);
+    float* sample_grad_input = in_registers(grad_input ? grad_input + b_local * geo.in_plane * C : nullptr);
     const int64_t c_end = (g + 1) * per_group;
     for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
       const int64_t l = first_l + t;
@@ -683,7 +689,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
       // 16 or more packs (128+ channels). DCNLAB_UNPAIRED_FORWARD (any value) selects the general
       // body instead: same columns bit for bit (a GPU test compares the two), for A/B timing.
       if (l.pack == kPack && geo.groups == 1 && geo.channels_per_offset_group() >= 16 * kPack &&
-          geo.in_plane * geo.in_channels < (int64_t(1) << 31) && std::getenv("DCNLAB_UNPAIRED_FORWARD") == nullptr) {
+          corner_offsets_fit_32_bits(geo) && std::getenv("DCNLAB_UNPAIRED_FORWARD") == nullptr) {
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kColumnTaskPoints);
         size_grid(l, geo, n, kColumnTaskPoints);
         launch(sample_columns_paired_kernel<D, kPack, scalar_t>);
@@ -716,7 +722,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
     if constexpr (sizeof(scalar_t) == 2) {
       // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
       // two covering the offset group's channels in steps of 8, so each lane takes both packs.
-      if (l.pack == kPack && geo.groups == 1 && geo.in_plane * geo.in_channels < (int64_t(1) << 31)) {
+      if (l.pack == kPack && geo.groups == 1 && corner_offsets_fit_32_bits(geo)) {
         // (The grid, one warp per task, does not depend on the team size.)
         l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kGradTaskPoints);
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
