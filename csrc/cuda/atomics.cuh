@@ -26,6 +26,21 @@ __device__ __forceinline__ void atomic_add_pack(acc_t* target, const acc_t (&val
   }
 }
 
+// atomic_add_pack of four floats under a predicate: on Hopper a predicated vector reduction in the
+// PTX (`target` must be a valid address either way; ptxas may still branch around it, as it does
+// in sampling_grads_paired_body), elsewhere a branch.
+__device__ __forceinline__ void atomic_add_pack_if(float* target, const float (&values)[4], bool add) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+      "@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(target),
+      "f"(values[0]), "f"(values[1]), "f"(values[2]), "f"(values[3]), "r"(static_cast<int>(add))
+      : "memory");
+#else
+  if (add) atomic_add_pack<4>(target, values);
+#endif
+}
+
 // *target += value: one vector atomic on Hopper, two scalar ones elsewhere.
 __device__ __forceinline__ void atomic_add_pair(float2* target, float2 value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -483,66 +483,79 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
     // (the caller checks corner_offsets_fit_32_bits).
     const scalar_t* sample_input = in_registers(input + (b0 + b_local) * geo.in_plane * C);
     float* sample_grad_input = in_registers(grad_input ? grad_input + b_local * geo.in_plane * C : nullptr);
-    const int64_t c_end = (g + 1) * per_group;
+    const uint32_t c_end = static_cast<uint32_t>((g + 1) * per_group);
+    const uint32_t pair_step = static_cast<uint32_t>(V * tasks.team);  // a lane's first pack to its second
     for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
       const int64_t l = first_l + t;
       const bool valid = l < L;
       float grad_pos[D] = {};
       float grad_mod = 0;
       if (valid) {
-        const Stencil<D, float> stencil = warp_slots[t].stencil;
-        const float modulation = warp_slots[t].modulation;
+        const PointSlot<D, float>& slot = warp_slots[t];
+        uint32_t index[kCorners];  // in-sample element offsets (the caller checks corner_offsets_fit_32_bits)
+        float weight[kCorners];    // 0 where the corner lies outside
+        bool inside[kCorners];
+        for (int corner = 0; corner < kCorners; ++corner) {
+          index[corner] = static_cast<uint32_t>(slot.stencil.index[corner]);
+          weight[corner] = slot.stencil.weight[corner];
+          inside[corner] = slot.stencil.inside[corner];
+        }
+        const float modulation = slot.modulation;
+        // The point's rows of the gradient columns and columns; channels are 32-bit offsets from them.
         const int64_t column_base = (b_local * L + l) * R + k * C;
-        for (int64_t c = g * per_group + V * tasks.lane; c < c_end; c += 2 * V * tasks.team) {
-          const int64_t c_pair[2] = {c, c + V * tasks.team};
+        const grad_column_t<scalar_t>* grad_row = grad_columns + column_base;
+        scalar_t* column_row = columns ? columns + column_base : nullptr;
+        for (uint32_t c = static_cast<uint32_t>(g * per_group) + V * tasks.lane; c < c_end; c += 2 * pair_step) {
+          const uint32_t c_pair[2] = {c, c + pair_step};
           const bool second = c_pair[1] < c_end;  // per_group % 4 == 0: a pack is whole or absent
           float grad[2][V];
-          uint2 corners[kCorners][2];  // 4 channels each
+          uint2 corners[kCorners][2];  // 4 channels each; zero bits outside
           for (int h = 0; h < 2; ++h) {
             if (h == 0 || second) {
-              load_widened<float, V>(grad_columns + column_base + c_pair[h], grad[h]);
+              load_widened<float, V>(grad_row + c_pair[h], grad[h]);
             } else {
               for (int v = 0; v < V; ++v) grad[h][v] = 0;
             }
             for (int corner = 0; corner < kCorners; ++corner) {
-              const bool load = stencil.inside[corner] && (h == 0 || second);
-              const uint32_t at = static_cast<uint32_t>(stencil.index[corner]) + static_cast<uint32_t>(c_pair[h]);
+              const bool load = inside[corner] && (h == 0 || second);
+              const uint32_t at = index[corner] + c_pair[h];
               corners[corner][h] = load ? __ldg(reinterpret_cast<const uint2*>(sample_input + at)) : make_uint2(0, 0);
             }
           }
+          // Every corner is summed, outside ones as zeros with weight 0 (x + 0 * 0 == x: the sums
+          // of skipping them, a -0 may become +0); an outside corner's dot product is set to 0, so
+          // a non-finite gradient column does not reach the position gradients through it.
           float values[2][V] = {};
           for (int corner = 0; corner < kCorners; ++corner) {
-            if (!stencil.inside[corner]) continue;
-            const float weight = stencil.weight[corner];
             float dot = 0;
             for (int h = 0; h < 2; ++h) {
               float x[V];
               implicit_gemm::widen_pair<scalar_t>(corners[corner][h].x, x[0], x[1]);
               implicit_gemm::widen_pair<scalar_t>(corners[corner][h].y, x[2], x[3]);
               for (int v = 0; v < V; ++v) {
-                values[h][v] += weight * x[v];
+                values[h][v] += weight[corner] * x[v];
                 dot += grad[h][v] * x[v];
               }
             }
             if (want_position) {
-              grad_mod += weight * dot;
-              for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D, float>(stencil.frac, corner, a) * dot;
+              dot = inside[corner] ? dot : 0.0f;
+              grad_mod += weight[corner] * dot;
+              for (int a = 0; a < D; ++a) grad_pos[a] += corner_slope<D, float>(slot.stencil.frac, corner, a) * dot;
             }
           }
-          if (columns) {
-            store_pack<scalar_t, V>(columns + column_base + c, values[0], modulation);
-            if (second) store_pack<scalar_t, V>(columns + column_base + c_pair[1], values[1], modulation);
+          if (column_row) {
+            store_pack<scalar_t, V>(column_row + c, values[0], modulation);
+            if (second) store_pack<scalar_t, V>(column_row + c_pair[1], values[1], modulation);
           }
           if (sample_grad_input) {
+            // Predicated reductions rather than a branch per corner and pack.
             for (int corner = 0; corner < kCorners; ++corner) {
-              if (!stencil.inside[corner]) continue;
-              const float scale = modulation * stencil.weight[corner];
+              const float scale = modulation * weight[corner];
               for (int h = 0; h < 2; ++h) {
-                if (h == 1 && !second) continue;
                 float scaled[V];
                 for (int v = 0; v < V; ++v) scaled[v] = grad[h][v] * scale;
-                const uint32_t at = static_cast<uint32_t>(stencil.index[corner]) + static_cast<uint32_t>(c_pair[h]);
-                atomic_add_pack<V>(sample_grad_input + at, scaled);
+                atomic_add_pack_if(sample_grad_input + (index[corner] + c_pair[h]), scaled,
+                                   inside[corner] && (h == 0 || second));
               }
             }
           }
@@ -613,7 +626,9 @@ __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNL
 // The paired body (half types, one conv group; V is the pack width, 4), without a register cap in
 // 2D too: with the cap of 3 blocks per SM it spilled 88 bytes and took 329 instead of 318 us for
 // B32 C256 28x28 and 1966 instead of 1910 us of fwd+bwd GPU time for B4 C256 100x168 on H200
-// (docs/perf-notes.md, session 10).
+// (docs/perf-notes.md, session 10). With 32-bit corner offsets (94 registers in 2D bf16 without
+// it) the cap still does not pay: B32 C256 28x28 / B32 C512 14x14 / B4 C256 100x168
+// 289.8 / 154.2 / 852.5 us against 295.5 / 148.5 / 857.4 (H200, session 15).
 template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
   sampling_grads_paired_body<D, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
