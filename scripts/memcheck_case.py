@@ -62,6 +62,8 @@ def main() -> None:
             # One conv group of 256 channels: the im2col path's paired kernels (two 8-channel packs
             # per lane in the forward, two 4-channel packs in the sampling gradients).
             run_case(dims, dtype, channels=256, offset_groups=1, groups=1, out_channels=16)
+            # Two offset groups of 128 channels (teams of 16 lanes in the sampling gradients).
+            run_case(dims, dtype, channels=256, offset_groups=2, groups=1, out_channels=16, in_size=(9, 10, 3))
             # 160 output channels per group: the backward's loop over output tiles (forced).
             os.environ["DCNLAB_CUDA_PATH"] = "fused"
             try:
