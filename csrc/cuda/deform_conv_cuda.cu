@@ -144,6 +144,25 @@ struct PointSlot {
   coord_t modulation;
 };
 
+// A slot's corners as the paired kernels use them: 32-bit element offsets within the sample (the
+// caller checks corner_offsets_fit_32_bits), weights (0 outside) and inside flags, copied into
+// registers once per position.
+template <int D>
+struct PairedCorners {
+  static constexpr int kCorners = Stencil<D, float>::kCorners;
+  uint32_t index[kCorners];
+  float weight[kCorners];
+  bool inside[kCorners];
+
+  __device__ __forceinline__ explicit PairedCorners(const PointSlot<D, float>& slot) {
+    for (int corner = 0; corner < kCorners; ++corner) {
+      index[corner] = static_cast<uint32_t>(slot.stencil.index[corner]);
+      weight[corner] = slot.stencil.weight[corner];
+      inside[corner] = slot.stencil.inside[corner];
+    }
+  }
+};
+
 // Lane i < points of the warp builds the slot of position first_l + i into the warp's slots.
 template <int D, typename coord_t, typename scalar_t>
 __device__ __forceinline__ void build_task(PointSlot<D, coord_t>* warp_slots, const ConvGeometry<D>& geo,
@@ -319,14 +338,8 @@ __device__ __forceinline__ void sample_columns_paired_body(const ConvGeometry<D>
     for (int t = tasks.first_t; t < tasks.points && first_l + t < L; t += tasks.teams) {
       const int64_t l = first_l + t;
       const PointSlot<D, float>& slot = warp_slots[t];
-      uint32_t index[kCorners];  // in-sample element offsets (the caller checks corner_offsets_fit_32_bits)
-      float weight[kCorners];    // 0 where the corner lies outside
-      bool inside[kCorners];
-      for (int corner = 0; corner < kCorners; ++corner) {
-        index[corner] = static_cast<uint32_t>(slot.stencil.index[corner]);
-        weight[corner] = slot.stencil.weight[corner];
-        inside[corner] = slot.stencil.inside[corner];
-      }
+      const PairedCorners<D> regs(slot);
+      const auto& [index, weight, inside] = regs;
       const float modulation = slot.modulation;
       scalar_t* column_row = columns + (b_local * L + l) * R + k * C;
       for (uint32_t c = static_cast<uint32_t>(g * per_group) + V * tasks.lane; c < c_end; c += 2 * pair_step) {
@@ -492,14 +505,8 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
       float grad_mod = 0;
       if (valid) {
         const PointSlot<D, float>& slot = warp_slots[t];
-        uint32_t index[kCorners];  // in-sample element offsets (the caller checks corner_offsets_fit_32_bits)
-        float weight[kCorners];    // 0 where the corner lies outside
-        bool inside[kCorners];
-        for (int corner = 0; corner < kCorners; ++corner) {
-          index[corner] = static_cast<uint32_t>(slot.stencil.index[corner]);
-          weight[corner] = slot.stencil.weight[corner];
-          inside[corner] = slot.stencil.inside[corner];
-        }
+        const PairedCorners<D> regs(slot);
+        const auto& [index, weight, inside] = regs;
         const float modulation = slot.modulation;
         // The point's rows of the gradient columns and columns; channels are 32-bit offsets from them.
         const int64_t column_base = (b_local * L + l) * R + k * C;
