@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import GRAD_NAMES, assert_close_to_scale, make_case, random_grad_output, run_with_grads
-from test_op_cuda import check_against_reference
+from test_op_cuda import TOLERANCE, check_against_reference
 
 from dcnlab.ops import deform_conv, deform_conv_reference
 
@@ -67,8 +67,9 @@ def test_im2col_sampling_kernels_are_register_capped_only_for_2d_half_types(
 ):
     """The capped variants (more blocks per SM, measured for 2D half types) run exactly there, except
     that the sampling gradients of half types with one conv group and 4-channel packs take the
-    paired body (two packs per lane, never capped): 32 channels (16 per offset group: each lane has
-    two packs), 40 (20 per offset group: some lanes have one); 6 channels are single channels."""
+    paired body (two packs per lane, never capped): 32 channels (16 per offset group: packs of 8 in
+    1-D and 2-D, where one lane has both, of 4 in 3-D), 40 (20 per offset group, packs of 4: some
+    lanes have one); 6 channels are single channels."""
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
     case = make_case(dims, seed=3, in_channels=in_channels, out_channels=8, groups=groups, padding=1, offset_groups=2)
     check_against_reference(case, dtype)
@@ -493,3 +494,56 @@ def test_paired_im2col_forward_writes_the_unpaired_columns(dims, dtype, in_chann
     unpaired = run()
     assert torch.equal(paired[0], unpaired[0])
     assert torch.equal(paired[1], unpaired[1])
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "dims, in_channels, offset_groups, extra",
+    [
+        (2, 256, 1, {}),
+        (2, 136, 1, {}),
+        (2, 384, 3, dict(stride=2, dilation=2, padding=2)),
+        (1, 264, 1, {}),
+        (2, 2048, 2, {}),
+    ],
+)
+def test_sampling_grads_in_packs_of_eight_match_reference_and_packs_of_four(
+    dims, dtype, in_channels, offset_groups, extra, monkeypatch
+):
+    """DCNLAB_GRADS_PACK=8: the paired sampling-gradient kernel with packs of 8 channels (16-byte
+    corner loads, the grad_input reductions in the layout of packs of 4) against the float64
+    reference and against packs of 4: 256 channels (16-lane teams, two positions per warp), 136
+    (17 packs: lane 0 of a 16-lane team alone has a second pack, lane 1 reduces into it), 3 offset
+    groups of 128 with stride and dilation 2, 1-D with 264 (33 packs), 2 offset groups of 1024
+    (several pairs per lane); offsets far enough out that corners fall outside. The sampled columns
+    (and so the weight gradient) are the same bit for bit."""
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    case = make_case(
+        dims,
+        seed=9,
+        in_channels=in_channels,
+        out_channels=8,
+        offset_groups=offset_groups,
+        offset_scale=3.0,
+        **{"padding": 1, **extra},
+    )
+    monkeypatch.setenv("DCNLAB_GRADS_PACK", "8")
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    grad_output = random_grad_output(cuda_case)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        return run_with_grads(deform_conv, cuda_case, grad_output)
+
+    def uses_pack(pack: int) -> bool:
+        return any(f"sampling_grads_paired_kernel<{dims}, {pack}," in name for name in kernel_names(run))
+
+    assert uses_pack(8)
+    wide = run()
+    monkeypatch.setenv("DCNLAB_GRADS_PACK", "4")
+    assert uses_pack(4)
+    narrow = run()
+    assert torch.equal(wide[0], narrow[0])
+    assert torch.equal(wide[1]["weight"], narrow[1]["weight"])
+    for name in ("input", "offset", "mask"):
+        assert_close_to_scale(wide[1][name], narrow[1][name], TOLERANCE[dtype], f"grad {name}")

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
@@ -462,22 +463,56 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
   });
 }
 
-// sampling_grads_body for half types with one conv group and channel packs of 4 (fp32 grad_input
-// packs of 16 bytes): each lane takes two packs per iteration, channels c..c+3 and
-// c + 4T..c + 4T + 3 of a team of T lanes, and issues both packs' corner and gradient-column loads
-// before it uses them, where the general body walks one pack per iteration; a vector atomic of the
-// team still covers 4T contiguous channels (whole 32-byte sectors). The position and mask
-// gradients come from one dot product per corner, sum_v grad[v] * x_corner[v], weighted by the
-// corner's slopes and weight (as in the fused backward) instead of per-channel position
-// derivatives.
-template <int D, typename scalar_t>
+// The V half or bfloat16 channels of a corner's bits (uint2: 4, uint4: 8) in fp32.
+template <typename scalar_t, int V, typename bits_t>
+__device__ __forceinline__ void widen_bits(const bits_t& bits, float (&x)[V]) {
+  static_assert(sizeof(bits_t) * 8 == V * 16, "V 16-bit channels");
+  const auto& words = reinterpret_cast<const uint32_t(&)[V / 2]>(bits);
+  for (int w = 0; w < V / 2; ++w) implicit_gemm::widen_pair<scalar_t>(words[w], x[2 * w], x[2 * w + 1]);
+}
+
+// The V channels of a pack of gradient columns in fp32, or zeros where `load` is false: the raw
+// bits are loaded under a predicate and widened after, so that the caller issues the load with its
+// other loads. (Widening inside an `if`, ptxas waited for each gradient-column load in turn before
+// the corner sums: the 4-channel kernel took 9-10% longer.) bf16 columns: one load of 8 or 16
+// bytes; fp32 columns (fp16 inputs): 16-byte loads, since the pointer is only 16-byte aligned.
+template <typename scalar_t, int V, typename T>
+__device__ __forceinline__ void load_grad_pack_if(const T* source, bool load, float (&grad)[V]) {
+  static_assert(V % 4 == 0, "packs of 4 or 8 channels");
+  if constexpr (std::is_same_v<T, float>) {
+    for (int q = 0; q < V; q += 4) {
+      const float4 f = load ? __ldg(reinterpret_cast<const float4*>(source + q)) : make_float4(0, 0, 0, 0);
+      grad[q] = f.x;
+      grad[q + 1] = f.y;
+      grad[q + 2] = f.z;
+      grad[q + 3] = f.w;
+    }
+  } else {
+    static_assert(std::is_same_v<T, scalar_t>, "16-bit gradient columns of the input's type");
+    using bits_t = std::conditional_t<V == 8, uint4, uint2>;
+    const bits_t bits = load ? __ldg(reinterpret_cast<const bits_t*>(source)) : bits_t{};
+    widen_bits<scalar_t, V>(bits, grad);
+  }
+}
+
+// sampling_grads_body for half types with one conv group and channel packs of V = 4 or 8 (one or
+// two fp32 grad_input reductions of 16 bytes per pack): each lane takes two packs per iteration,
+// channels c..c+V-1 and c + VT..c + VT + V-1 of a team of T lanes, and issues both packs' corner and
+// gradient-column loads before it uses them, where the general body walks one pack per iteration;
+// a vector atomic of the team still covers 4T contiguous channels (whole 32-byte sectors). The
+// position and mask gradients come from one dot product per corner, sum_v grad[v] * x_corner[v],
+// weighted by the corner's slopes and weight (as in the fused backward) instead of per-channel
+// position derivatives. Packs of 8 (16-byte corner loads, 16 channels per lane) halve the lanes
+// per position, so a warp of 256-channel teams takes two positions at a time.
+template <int D, int V, typename scalar_t>
 __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, const grad_column_t<scalar_t>* __restrict__ grad_columns,
                           scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
                           float* __restrict__ grad_input, scalar_t* __restrict__ columns) {
   static_assert(sizeof(scalar_t) == 2, "half types");
-  constexpr int V = 4;
+  static_assert(V == 4 || V == 8, "packs of 8 or 16 bytes of the input");
+  using bits_t = std::conditional_t<V == 8, uint4, uint2>;
   constexpr int kCorners = Stencil<D, float>::kCorners;
   __shared__ PointSlot<D, float> slots[kWarps * kGradTaskPoints];
   const bool want_position = grad_offset != nullptr || grad_mask != nullptr;
@@ -497,7 +532,14 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
     const scalar_t* sample_input = in_registers(input + (b0 + b_local) * geo.in_plane * C);
     float* sample_grad_input = in_registers(grad_input ? grad_input + b_local * geo.in_plane * C : nullptr);
     const uint32_t c_end = static_cast<uint32_t>((g + 1) * per_group);
-    const uint32_t pair_step = static_cast<uint32_t>(V * tasks.team);  // a lane's first pack to its second
+    // A pair of packs covers 2VT channels: lane r loads and sums channels c0 + h*VT + Vr ..+V-1 (h
+    // = 0, 1), and reduces into grad_input channels c0 + h*VT + 4qT + 4r ..+3 (q < V/4), so that each
+    // vector reduction of the team covers 4T contiguous channels (whole sectors; with packs of 8 in
+    // the load layout, each would cover half of every sector it touches, twice the sector requests).
+    // For V = 8 the reduction layout reloads its 4 gradient columns (L1 hits: the team has just read
+    // them). The loop over pairs is the team's, so a lane past its own packs still reduces.
+    const uint32_t team = static_cast<uint32_t>(tasks.team);
+    const uint32_t lane = static_cast<uint32_t>(tasks.lane);
     for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
       const int64_t l = first_l + t;
       const bool valid = l < L;
@@ -512,21 +554,18 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
         const int64_t column_base = (b_local * L + l) * R + k * C;
         const grad_column_t<scalar_t>* grad_row = grad_columns + column_base;
         scalar_t* column_row = columns ? columns + column_base : nullptr;
-        for (uint32_t c = static_cast<uint32_t>(g * per_group) + V * tasks.lane; c < c_end; c += 2 * pair_step) {
-          const uint32_t c_pair[2] = {c, c + pair_step};
-          const bool second = c_pair[1] < c_end;  // per_group % 4 == 0: a pack is whole or absent
+        for (uint32_t c0 = static_cast<uint32_t>(g * per_group); c0 < c_end; c0 += 2 * V * team) {
+          const uint32_t c_pair[2] = {c0 + V * lane, c0 + V * (team + lane)};
+          // per_group % V == 0: a pack is whole or absent
+          const bool present[2] = {c_pair[0] < c_end, c_pair[1] < c_end};
           float grad[2][V];
-          uint2 corners[kCorners][2];  // 4 channels each; zero bits outside
+          bits_t corners[kCorners][2];  // V channels each; zero bits outside
           for (int h = 0; h < 2; ++h) {
-            if (h == 0 || second) {
-              load_widened<float, V>(grad_row + c_pair[h], grad[h]);
-            } else {
-              for (int v = 0; v < V; ++v) grad[h][v] = 0;
-            }
+            load_grad_pack_if<scalar_t, V>(grad_row + c_pair[h], present[h], grad[h]);
             for (int corner = 0; corner < kCorners; ++corner) {
-              const bool load = inside[corner] && (h == 0 || second);
+              const bool load = inside[corner] && present[h];
               const uint32_t at = index[corner] + c_pair[h];
-              corners[corner][h] = load ? __ldg(reinterpret_cast<const uint2*>(sample_input + at)) : make_uint2(0, 0);
+              corners[corner][h] = load ? __ldg(reinterpret_cast<const bits_t*>(sample_input + at)) : bits_t{};
             }
           }
           // Every corner is summed, outside ones as zeros with weight 0 (x + 0 * 0 == x: the sums
@@ -537,8 +576,7 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
             float dot = 0;
             for (int h = 0; h < 2; ++h) {
               float x[V];
-              implicit_gemm::widen_pair<scalar_t>(corners[corner][h].x, x[0], x[1]);
-              implicit_gemm::widen_pair<scalar_t>(corners[corner][h].y, x[2], x[3]);
+              widen_bits<scalar_t, V>(corners[corner][h], x);
               for (int v = 0; v < V; ++v) {
                 values[h][v] += weight[corner] * x[v];
                 dot += grad[h][v] * x[v];
@@ -551,18 +589,33 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
             }
           }
           if (column_row) {
-            store_pack<scalar_t, V>(column_row + c, values[0], modulation);
-            if (second) store_pack<scalar_t, V>(column_row + c_pair[1], values[1], modulation);
+            for (int h = 0; h < 2; ++h) {
+              if (present[h]) store_pack<scalar_t, V>(column_row + c_pair[h], values[h], modulation);
+            }
           }
           if (sample_grad_input) {
-            // Predicated reductions rather than a branch per corner and pack.
+            // The reduction layout's channels and gradient columns.
+            constexpr int kParts = 2 * (V / 4);  // part = h * V / 4 + q
+            uint32_t e[kParts];
+            float grad4[kParts][4];
+            for (int part = 0; part < kParts; ++part) {
+              const int h = part / (V / 4), q = part % (V / 4);
+              e[part] = c0 + V * team * h + 4 * (q * team + lane);
+              if constexpr (V == 4) {
+                for (int v = 0; v < 4; ++v) grad4[part][v] = grad[h][v];  // the same channels
+              } else {
+                load_grad_pack_if<scalar_t, 4>(grad_row + e[part], e[part] < c_end, grad4[part]);
+              }
+            }
+            // Predicated reductions rather than a branch per corner. (Their order, corners outside
+            // or inside the parts' loop, made no difference: H200, session 16.)
             for (int corner = 0; corner < kCorners; ++corner) {
               const float scale = modulation * weight[corner];
-              for (int h = 0; h < 2; ++h) {
-                float scaled[V];
-                for (int v = 0; v < V; ++v) scaled[v] = grad[h][v] * scale;
-                atomic_add_pack_if(sample_grad_input + (index[corner] + c_pair[h]), scaled,
-                                   inside[corner] && (h == 0 || second));
+              for (int part = 0; part < kParts; ++part) {
+                float scaled[4];
+                for (int v = 0; v < 4; ++v) scaled[v] = grad4[part][v] * scale;
+                atomic_add_pack_if(sample_grad_input + (index[corner] + e[part]), scaled,
+                                   inside[corner] && e[part] < c_end);
               }
             }
           }
@@ -630,16 +683,17 @@ __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNL
   sampling_grads_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
                                       grad_input, columns);
 }
-// The paired body (half types, one conv group; V is the pack width, 4), without a register cap in
+// The paired body (half types, one conv group; V is the pack width, 4 or 8), without a register cap in
 // 2D too: with the cap of 3 blocks per SM it spilled 88 bytes and took 329 instead of 318 us for
 // B32 C256 28x28 and 1966 instead of 1910 us of fwd+bwd GPU time for B4 C256 100x168 on H200
 // (docs/perf-notes.md, session 10). With 32-bit corner offsets (94 registers in 2D bf16 without
 // it) the cap still does not pay: B32 C256 28x28 / B32 C512 14x14 / B4 C256 100x168
-// 289.8 / 154.2 / 852.5 us against 295.5 / 148.5 / 857.4 (H200, session 15).
+// 289.8 / 154.2 / 852.5 us against 295.5 / 148.5 / 857.4 (H200, session 15). ptxas, 2D bf16: packs
+// of 4 104 registers, of 8 128 (two blocks per SM either way), no spills.
 template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
-  sampling_grads_paired_body<D, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
-                                          grad_input, columns);
+  sampling_grads_paired_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset,
+                                             grad_mask, grad_input, columns);
 }
 #undef DCNLAB_GRADS_PARAMS
 #undef DCNLAB_SAMPLING_PARAMS
@@ -742,11 +796,26 @@ struct CudaSampler : layout_copy::ChannelsLast {
                                                 grad_mask, grad_input, columns);
     };
     if constexpr (sizeof(scalar_t) == 2) {
-      // Two packs of 4 channels per lane (sampling_grads_paired_body): teams of the smallest power of
-      // two covering the offset group's channels in steps of 8, so each lane takes both packs.
+      // Two packs of 4 or 8 channels per lane (sampling_grads_paired_body): teams of the smallest
+      // power of two covering the offset group's channels in steps of two packs.
       if (l.pack == kPack && geo.groups == 1 && corner_offsets_fit_32_bits(geo)) {
+        // Packs of 8 (16-byte corner loads) in 1D and 2D where the offset group's channels are a
+        // multiple of 8, else packs of 4; DCNLAB_GRADS_PACK=4 forces packs of 4 (for A/B timing and
+        // the tests). H200, bf16, the kernel with packs of 8 / 4: B32 C256 28x28 290 / 299 us, B32
+        // C512 14x14 149 / 150, B4 C256 100x168 850 / 876 (docs/perf-notes.md, session 16).
+        const int64_t per_group = geo.channels_per_offset_group();
+        const char* pack_env = std::getenv("DCNLAB_GRADS_PACK");
+        const bool force_four = pack_env != nullptr && std::string(pack_env) == "4";
+        const int pack = !force_four && per_group % 8 == 0 && D <= 2 ? 8 : kPack;
         // (The grid, one warp per task, does not depend on the team size.)
-        l.shift = team_shift((geo.channels_per_offset_group() + 2 * kPack - 1) / (2 * kPack), kGradTaskPoints);
+        l.shift = team_shift((per_group + 2 * pack - 1) / (2 * pack), kGradTaskPoints);
+        if constexpr (D <= 2) {  // 3D with packs of 8: 172 registers (one block per SM), not measured
+          if (pack == 8) {
+            launch(sampling_grads_paired_kernel<D, 8, scalar_t>);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+        }
         launch(sampling_grads_paired_kernel<D, kPack, scalar_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
