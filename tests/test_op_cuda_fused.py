@@ -547,3 +547,26 @@ def test_sampling_grads_in_packs_of_eight_match_reference_and_packs_of_four(
     assert torch.equal(wide[1]["weight"], narrow[1]["weight"])
     for name in ("input", "offset", "mask"):
         assert_close_to_scale(wide[1][name], narrow[1][name], TOLERANCE[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("pack", ["8", "4"])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("in_channels, offset_groups", [(256, 1), (136, 1), (2048, 2)])
+def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
+    in_channels, offset_groups, dtype, pack, monkeypatch
+):
+    """The 2-D paired sampling-gradient kernel adds a corner that is also one of the team's next
+    position into that position's grad_input reduction. Offsets near a constant (0.3, -0.6) make two
+    of each position's four corners those of its right-hand neighbour, with nonzero weights on both
+    sides; against the float64 reference. Packs of 8: teams of 16 lanes (256 and 136 channels, 4
+    positions each) and of 32 (1024 channels per offset group, 8 positions); packs of 4 add teams of
+    32 lanes with one position each (no merges)."""
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
+    monkeypatch.setenv("DCNLAB_GRADS_PACK", pack)
+    case = make_case(
+        2, seed=12, in_channels=in_channels, out_channels=8, offset_groups=offset_groups, padding=1, in_size=(6, 9)
+    )
+    generator = torch.Generator().manual_seed(13)
+    near = torch.tensor([0.3, -0.6], dtype=torch.float64).repeat(case.offset.shape[1] // 2).view(1, -1, 1, 1)
+    offset = near + 0.02 * torch.randn(case.offset.shape, generator=generator, dtype=torch.float64)
+    check_against_reference(dataclasses.replace(case, offset=offset), dtype)

@@ -504,7 +504,7 @@ __device__ __forceinline__ void load_grad_pack_if(const T* source, bool load, fl
 // weighted by the corner's slopes and weight (as in the fused backward) instead of per-channel
 // position derivatives. Packs of 8 (16-byte corner loads, 16 channels per lane) halve the lanes
 // per position, so a warp of 256-channel teams takes two positions at a time.
-template <int D, int V, typename scalar_t>
+template <int D, int V, typename scalar_t, bool kMerge = false>
 __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, const grad_column_t<scalar_t>* __restrict__ grad_columns,
@@ -540,16 +540,48 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
     // them). The loop over pairs is the team's, so a lane past its own packs still reduces.
     const uint32_t team = static_cast<uint32_t>(tasks.team);
     const uint32_t lane = static_cast<uint32_t>(tasks.lane);
-    for (int t = tasks.first_t; t < tasks.points; t += tasks.teams) {
+    // kMerge (2D): a team takes consecutive positions of its task, and a corner of a position that is
+    // also a corner of the team's next position (the same pixel; known from the stencils in shared
+    // memory) is not reduced there but added into that corner's reduction at the next position (its
+    // gradient columns reloaded: L1 hits), unless it received one itself (pairs, not chains). The
+    // kernel is bound by the L2 traffic of its grad_input reductions (docs/perf-notes.md, session
+    // 15); with offsets N(0, 1), 0.78 of a position's 4 corners are also corners of its right-hand
+    // neighbour (2 of 4 with smooth offsets). H200, bf16, packs of 8, us without / with: B32 C256
+    // 28x28 290.3 / 263.7, B32 C512 14x14 148.7 / 131.9, B4 C256 100x168 849.7 / 765.3 (session 16).
+    const int per_team = tasks.points / tasks.teams;
+    bool received[kCorners] = {};
+    float received_scale[kCorners] = {};
+    for (int u = 0; u < per_team; ++u) {
+      const int t = kMerge ? tasks.first_t * per_team + u : tasks.first_t + u * tasks.teams;
       const int64_t l = first_l + t;
       const bool valid = l < L;
       float grad_pos[D] = {};
       float grad_mod = 0;
+      bool deferred[kCorners] = {};
+      bool next_received[kCorners] = {};
+      float next_scale[kCorners] = {};
       if (valid) {
         const PointSlot<D, float>& slot = warp_slots[t];
         const PairedCorners<D> regs(slot);
         const auto& [index, weight, inside] = regs;
         const float modulation = slot.modulation;
+        if constexpr (kMerge) {
+          if (u + 1 < per_team && l + 1 < L) {
+            const PointSlot<D, float>& next = warp_slots[t + 1];
+            for (int d = 0; d < kCorners; ++d) {
+              const uint32_t next_index = static_cast<uint32_t>(next.stencil.index[d]);
+              const bool next_inside = next.stencil.inside[d];
+              for (int c = 0; c < kCorners; ++c) {
+                const bool match = next_inside && inside[c] && !received[c] && index[c] == next_index;
+                deferred[c] = deferred[c] || match;
+                next_received[d] = next_received[d] || match;
+                next_scale[d] = match ? modulation * weight[c] : next_scale[d];
+              }
+            }
+          }
+        }
+        bool any_received = false;
+        for (int c = 0; c < kCorners; ++c) any_received = any_received || received[c];
         // The point's rows of the gradient columns and columns; channels are 32-bit offsets from them.
         const int64_t column_base = (b_local * L + l) * R + k * C;
         const grad_column_t<scalar_t>* grad_row = grad_columns + column_base;
@@ -598,6 +630,7 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
             constexpr int kParts = 2 * (V / 4);  // part = h * V / 4 + q
             uint32_t e[kParts];
             float grad4[kParts][4];
+            float previous4[kMerge ? kParts : 1][4];
             for (int part = 0; part < kParts; ++part) {
               const int h = part / (V / 4), q = part % (V / 4);
               e[part] = c0 + V * team * h + 4 * (q * team + lane);
@@ -605,6 +638,9 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
                 for (int v = 0; v < 4; ++v) grad4[part][v] = grad[h][v];  // the same channels
               } else {
                 load_grad_pack_if<scalar_t, 4>(grad_row + e[part], e[part] < c_end, grad4[part]);
+              }
+              if constexpr (kMerge) {
+                load_grad_pack_if<scalar_t, 4>(grad_row - R + e[part], any_received && e[part] < c_end, previous4[part]);
               }
             }
             // Predicated reductions rather than a branch per corner. (Their order, corners outside
@@ -614,13 +650,22 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
               for (int part = 0; part < kParts; ++part) {
                 float scaled[4];
                 for (int v = 0; v < 4; ++v) scaled[v] = grad4[part][v] * scale;
+                if constexpr (kMerge) {
+                  for (int v = 0; v < 4; ++v) {
+                    scaled[v] = received[corner] ? scaled[v] + previous4[part][v] * received_scale[corner] : scaled[v];
+                  }
+                }
                 atomic_add_pack_if(sample_grad_input + (index[corner] + e[part]), scaled,
-                                   inside[corner] && e[part] < c_end);
+                                   inside[corner] && !deferred[corner] && e[part] < c_end);
               }
             }
           }
         }
         for (int a = 0; a < D; ++a) grad_pos[a] *= modulation;
+      }
+      for (int c = 0; c < kCorners; ++c) {
+        received[c] = next_received[c];
+        received_scale[c] = next_scale[c];
       }
       if (!want_position) continue;
       write_point_grads(geo, grad_pos, grad_mod, tasks.team, valid && tasks.lane == 0, b0, row, l, grad_offset,
@@ -691,8 +736,8 @@ __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNL
 // 289.8 / 154.2 / 852.5 us against 295.5 / 148.5 / 857.4 (H200, session 15). ptxas, 2D bf16: packs
 // of 4 104 registers, of 8 128 (two blocks per SM either way), no spills.
 template <int D, int V, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
-  sampling_grads_paired_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset,
+__global__ void __launch_bounds__(kThreads, 2) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
+  sampling_grads_paired_body<D, V, scalar_t, D == 2>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset,
                                              grad_mask, grad_input, columns);
 }
 #undef DCNLAB_GRADS_PARAMS
