@@ -67,7 +67,7 @@ def test_im2col_sampling_kernels_are_register_capped_only_for_2d_half_types(
 ):
     """The capped variants (more blocks per SM, measured for 2D half types) run exactly there, except
     that the sampling gradients of half types with one conv group and 4-channel packs take the
-    paired body (two packs per lane, never capped): 32 channels (16 per offset group: packs of 8 in
+    paired body (two packs per lane, capped at 2 blocks per SM, not 3): 32 channels (16 per offset group: packs of 8 in
     1-D and 2-D, where one lane has both, of 4 in 3-D), 40 (20 per offset group, packs of 4: some
     lanes have one); 6 channels are single channels."""
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
@@ -551,7 +551,7 @@ def test_sampling_grads_in_packs_of_eight_match_reference_and_packs_of_four(
 
 @pytest.mark.parametrize("pack", ["8", "4"])
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-@pytest.mark.parametrize("in_channels, offset_groups", [(256, 1), (136, 1), (2048, 2)])
+@pytest.mark.parametrize("in_channels, offset_groups", [(256, 1), (136, 1), (2048, 2), (128, 1)])
 def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
     in_channels, offset_groups, dtype, pack, monkeypatch
 ):
@@ -559,8 +559,9 @@ def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
     position into that position's grad_input reduction. Offsets near a constant (0.3, -0.6) make two
     of each position's four corners those of its right-hand neighbour, with nonzero weights on both
     sides; against the float64 reference. Packs of 8: teams of 16 lanes (256 and 136 channels, 4
-    positions each) and of 32 (1024 channels per offset group, 8 positions); packs of 4 add teams of
-    32 lanes with one position each (no merges)."""
+    positions each), of 32 (1024 channels per offset group, 8 positions, two channel runs) and of 8
+    (128 channels, 2 positions: one merge per team and task); packs of 4: teams of 32 lanes (8
+    positions) and of 16 (128 channels)."""
     monkeypatch.setenv("DCNLAB_CUDA_PATH", "im2col")
     monkeypatch.setenv("DCNLAB_GRADS_PACK", pack)
     case = make_case(

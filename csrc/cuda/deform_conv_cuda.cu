@@ -57,7 +57,8 @@ bool corner_offsets_fit_32_bits(const ConvGeometry<D>& geo) {
 // one row (sample, offset group, kernel point), tasks numbered row by row. A warp builds its
 // task's stencils (lane i the one of position first_l + i) into its own shared slots, and its
 // 32 >> shift teams of 2^shift lanes take the positions in turn (team j positions j, j + teams,
-// ...), each lane a share of the point's channels. A warp syncs only with itself: no warp waits at
+// ...; in the 2D paired sampling-gradient kernel consecutive positions instead, for its merged
+// reductions), each lane a share of the point's channels. A warp syncs only with itself: no warp waits at
 // a block barrier while another builds stencils, and the row bookkeeping (RowWalk) is done once
 // per task.
 //
@@ -728,13 +729,15 @@ __global__ void __launch_bounds__(kThreads, 3) sampling_grads_capped_kernel(DCNL
   sampling_grads_body<D, V, scalar_t>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset, grad_mask,
                                       grad_input, columns);
 }
-// The paired body (half types, one conv group; V is the pack width, 4 or 8), without a register cap in
-// 2D too: with the cap of 3 blocks per SM it spilled 88 bytes and took 329 instead of 318 us for
-// B32 C256 28x28 and 1966 instead of 1910 us of fwd+bwd GPU time for B4 C256 100x168 on H200
-// (docs/perf-notes.md, session 10). With 32-bit corner offsets (94 registers in 2D bf16 without
-// it) the cap still does not pay: B32 C256 28x28 / B32 C512 14x14 / B4 C256 100x168
-// 289.8 / 154.2 / 852.5 us against 295.5 / 148.5 / 857.4 (H200, session 15). ptxas, 2D bf16: packs
-// of 4 104 registers, of 8 128 (two blocks per SM either way), no spills.
+// The paired body (half types, one conv group; V is the pack width, 4 or 8; corners merged in 2D),
+// capped at 2 blocks per SM (128 registers), not 3: with the cap of 3 it spilled 88 bytes and took
+// 329 instead of 318 us for B32 C256 28x28 and 1966 instead of 1910 us of fwd+bwd GPU time for B4
+// C256 100x168 on H200 (docs/perf-notes.md, session 10), and with 32-bit corner offsets it still did
+// not pay: B32 C256 28x28 / B32 C512 14x14 / B4 C256 100x168 289.8 / 154.2 / 852.5 us against 295.5 /
+// 148.5 / 857.4 (session 15). The cap of 2 binds the merged 2D body in packs of 8 (128 registers, 8
+// bytes of spill; uncapped, the unmerged body took 150 registers and one block per SM in that build:
+// 339 / 154 / 964 us, session 16); ptxas (bf16): 2D packs of 4 111 registers, 1D 80 / 116 (packs of
+// 4 / 8), 3D 128, no spills.
 template <int D, int V, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2) sampling_grads_paired_kernel(DCNLAB_GRADS_PARAMS) {
   sampling_grads_paired_body<D, V, scalar_t, D == 2>(geo, input, offset, mask, b0, n, shift, grad_columns, grad_offset,
@@ -846,8 +849,9 @@ struct CudaSampler : layout_copy::ChannelsLast {
       if (l.pack == kPack && geo.groups == 1 && corner_offsets_fit_32_bits(geo)) {
         // Packs of 8 (16-byte corner loads) in 1D and 2D where the offset group's channels are a
         // multiple of 8, else packs of 4; DCNLAB_GRADS_PACK=4 forces packs of 4 (for A/B timing and
-        // the tests). H200, bf16, the kernel with packs of 8 / 4: B32 C256 28x28 290 / 299 us, B32
-        // C512 14x14 149 / 150, B4 C256 100x168 850 / 876 (docs/perf-notes.md, session 16).
+        // the tests). H200, bf16, the kernel with packs of 8 / 4, before the merged corners: B32
+        // C256 28x28 290 / 299 us, B32 C512 14x14 149 / 150, B4 C256 100x168 850 / 876; merged 264 /
+        // 309, 132 / 138, 765 / 852 (docs/perf-notes.md, session 16).
         const int64_t per_group = geo.channels_per_offset_group();
         const char* pack_env = std::getenv("DCNLAB_GRADS_PACK");
         const bool force_four = pack_env != nullptr && std::string(pack_env) == "4";
