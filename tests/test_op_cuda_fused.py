@@ -570,4 +570,9 @@ def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
     generator = torch.Generator().manual_seed(13)
     near = torch.tensor([0.3, -0.6], dtype=torch.float64).repeat(case.offset.shape[1] // 2).view(1, -1, 1, 1)
     offset = near + 0.02 * torch.randn(case.offset.shape, generator=generator, dtype=torch.float64)
-    check_against_reference(dataclasses.replace(case, offset=offset), dtype)
+    case = dataclasses.replace(case, offset=offset)
+    check_against_reference(case, dtype)
+    # The merging kernel ran (not another path that the reference comparison would pass too).
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    names = kernel_names(lambda: fused_forward_backward(cuda_case))
+    assert any(f"sampling_grads_paired_kernel<2, {pack}," in name for name in names), names
