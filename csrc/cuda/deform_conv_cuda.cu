@@ -505,7 +505,7 @@ __device__ __forceinline__ void load_grad_pack_if(const T* source, bool load, fl
 // weighted by the corner's slopes and weight (as in the fused backward) instead of per-channel
 // position derivatives. Packs of 8 (16-byte corner loads, 16 channels per lane) halve the lanes
 // per position, so a warp of 256-channel teams takes two positions at a time.
-template <int D, int V, typename scalar_t, bool kMerge = false>
+template <int D, int V, typename scalar_t, bool kMerge>
 __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D> geo, const scalar_t* __restrict__ input,
                           const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b0,
                           int64_t n, int shift, const grad_column_t<scalar_t>* __restrict__ grad_columns,
