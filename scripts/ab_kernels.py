@@ -4,9 +4,9 @@
 
 For each named shape (bench_op.py's inputs: C_in = C_out, stride 1, padding k//2, offsets N(0,1),
 mask U(0,1), bias on; three rotating input sets): the median wall time of a fwd+bwd (CUDA events,
-30 runs; host-bound for small shapes), the sum of its kernels' times per fwd+bwd and the TOP
-(environment, default 12) kernels, from torch.profiler over 6 calls. DTYPE (environment) picks the
-dtype, bfloat16 by default.
+30 runs; host-bound for small shapes), the sum of its kernels' times per fwd+bwd, the peak extra
+memory of one fwd+bwd and the TOP (environment, default 12) kernels, from torch.profiler over 6
+calls. DTYPE (environment) picks the dtype, bfloat16 by default.
 """
 
 import collections
@@ -63,6 +63,12 @@ def measure(name: str, tag: str, dtype: torch.dtype, top: int) -> None:
 
     for _ in range(5):
         step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     times = []
     for _ in range(30):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -81,7 +87,8 @@ def measure(name: str, tag: str, dtype: torch.dtype, top: int) -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[event.name] += event.device_time_total / runs
     total = sum(per_kernel.values())
-    print(f"[{tag}] {name} {dtype} fwd+bwd {statistics.median(times) * 1000:.1f} us (kernel sum {total:.1f})")
+    wall = statistics.median(times) * 1000
+    print(f"[{tag}] {name} {dtype} fwd+bwd {wall:.1f} us (kernel sum {total:.1f}; peak extra {peak_mib:.0f} MiB)")
     for kernel, us in per_kernel.most_common(top):
         print(f"    {us:8.1f}  {short_name(kernel)}")
     sys.stdout.flush()

@@ -576,3 +576,35 @@ def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
     cuda_case = case.to(dtype=dtype, device="cuda")
     names = kernel_names(lambda: fused_forward_backward(cuda_case))
     assert any(f"sampling_grads_paired_kernel<2, {pack}," in name for name in names), names
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(in_channels=64, out_channels=64, padding=1, offset_scale=2.0),
+        dict(in_channels=128, out_channels=40, groups=2, offset_groups=2, stride=2, padding=1, offset_scale=20.0),
+        dict(in_channels=128, out_channels=64, padding=2, dilation=2, mask=False, bias=False),
+    ],
+)
+def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, config, monkeypatch):
+    """Where C_in/G and C_in/offset_groups are multiples of 64 and C_out/G is at most 64, the 2-D and 3-D
+    fused forward takes steps of 64 channels (128-byte swizzled operand rows; wide_steps()). Its products
+    add the same terms in the same order as steps of 32 (DCNLAB_FWD_BK=32), so the outputs agree bit for
+    bit; and the case against the float64 reference. The configurations cover a partial output tile,
+    two conv and offset groups, two steps per kernel point, offsets far outside the input."""
+    in_size = {2: (9, 14), 3: (5, 6, 7)}[dims]
+    case = make_case(dims, seed=21, in_size=in_size, **config)
+    check_against_reference(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+
+    def forward():
+        return deform_conv(*cuda_case.args())
+
+    wide = forward()
+    assert any(f"forward_kernel<{dims}, 128, 64, 64," in name for name in kernel_names(forward))
+    monkeypatch.setenv("DCNLAB_FWD_BK", "32")
+    narrow = forward()
+    assert any(f"forward_kernel<{dims}, 128, 64, 32," in name for name in kernel_names(forward))
+    assert torch.equal(wide, narrow)

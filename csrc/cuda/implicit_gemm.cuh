@@ -3,11 +3,11 @@
 // The product is output (M = B*L, C_out/G) = columns (M, R) @ weight_rows^T (R, C_out/G) per
 // conv group, with R = K*C_in/G in the order r = k*C_in/G + c (the order of weight_rows in the
 // driver's channels-last layout). The columns never exist in device memory: a block owns a tile
-// of BM output positions x BN output channels and walks R in steps of kBK channels of one
-// kernel point. Per step it gathers the tile's sampled, modulated input values straight into
-// shared memory, copies the matching weight slice with cp.async, and multiplies on tensor cores
-// (ldmatrix + mma.sync m16n8k16, fp32 accumulation). The epilogue adds the bias in fp32 and
-// writes (B, C_out, *out) through shared memory, positions contiguous.
+// of BM output positions x BN output channels and walks R in steps of BK channels (32, or 64 where
+// wide_steps() allows) of one kernel point. Per step it gathers the tile's sampled, modulated input
+// values straight into shared memory, copies the matching weight slice with cp.async, and
+// multiplies on tensor cores (ldmatrix + mma.sync m16n8k16, fp32 accumulation). The epilogue adds
+// the bias in fp32 and writes (B, C_out, *out) through shared memory, positions contiguous.
 //
 // Pipelining (v12): the operand tiles are double-buffered, so one barrier per step separates a
 // step's gather from its product and the product of step s overlaps the gather of step s+1 in
@@ -46,18 +46,23 @@ namespace dcnlab {
 namespace implicit_gemm {
 
 constexpr int kThreads = 256;  // 8 warps
-constexpr int kBK = 32;        // channels per reduction step
+constexpr int kBK = 32;        // channels per reduction step (the forward's steps: kBK or 64)
 constexpr int kPack = 8;       // channels per 16-byte gather
 constexpr int64_t kMaxFusedChannels = 128;  // per conv group, input and output (see applies())
 
-// Element offset of (row, 16-byte chunk) in a forward operand tile: rows of kBK = 32 elements (64
-// bytes, no padding) whose four chunks are XOR-swizzled by bits 1-2 of the row. The eight rows an
-// ldmatrix phase reads (one chunk each) and the two rows x four chunks of a gather or weight-copy
-// phase then fall on eight distinct 16-byte bank groups. The padded 80-byte rows before kept
-// ldmatrix conflict-free but made every gather store and weight copy a 2-way bank conflict
-// (docs/perf-notes.md, session 11).
+// Element offset of (row, 16-byte chunk) in a forward operand tile of BK channels per row (no
+// padding). BK = 32: rows of 64 bytes whose four chunks are XOR-swizzled by bits 1-2 of the row;
+// BK = 64: rows of 128 bytes whose eight chunks are swizzled by bits 0-2. The eight rows an
+// ldmatrix phase reads (one chunk each) and the rows of a gather or weight-copy phase (128
+// contiguous bytes of a row pair or row) then fall on eight distinct 16-byte bank groups. The
+// padded 80-byte rows before kept ldmatrix conflict-free but made every gather store and weight
+// copy a 2-way bank conflict (docs/perf-notes.md, session 11). In both, the chunk's bit 1..2 (kk / 8
+// of an ldmatrix step at kk = 16, 32, 48 with chunk 0 or 1) toggles independently of the row, so
+// operand_offset(row, chunk + kk / 8) = operand_offset(row, chunk) ^ kk.
+template <int BK>
 __host__ __device__ constexpr int operand_offset(int row, int chunk) {
-  return row * kBK + 8 * (chunk ^ ((row >> 1) & 3));
+  static_assert(BK == 32 || BK == 64, "64- or 128-byte rows");
+  return BK == 32 ? row * BK + 8 * (chunk ^ ((row >> 1) & 3)) : row * BK + 8 * (chunk ^ (row & 7));
 }
 
 // Asynchronous 16-byte copy global -> shared (sm_80+); with src_bytes = 0 it writes zeros.
@@ -114,25 +119,6 @@ __device__ __forceinline__ void mma_16816(float (&acc)[4], const unsigned (&a)[4
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 #endif
-}
-
-// A 16-byte pack of the input through the read-only data path (the input is never written
-// while the kernels run).
-template <typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* source) {
-  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(source));
-  Pack<scalar_t, kPack> pack;
-  static_assert(sizeof(pack) == sizeof(bits), "16-byte packs");
-  memcpy(&pack, &bits, sizeof(bits));
-  return pack;
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ uint4 as_bits(const Pack<scalar_t, kPack>& pack) {
-  static_assert(sizeof(pack) == 16, "16-byte packs");
-  uint4 bits;
-  memcpy(&bits, &pack, sizeof(bits));
-  return bits;
 }
 
 // Zeros: the source of the gather for interpolation corners outside the input, so that the
@@ -249,13 +235,13 @@ struct ForwardPoints {
   float weight[1 << D][BM];            // N-linear weight times the modulation
 };
 
-template <int D, int BM, int BN, typename scalar_t>
+template <int D, int BM, int BN, int BK, typename scalar_t>
 struct alignas(128) ForwardShared {
   static constexpr int kScratchLd = BM + 8;
   union {
     struct {
-      __align__(16) uint16_t a[2][BM * kBK];  // sampled values, (position, channel), per stage (operand_offset)
-      __align__(16) uint16_t b[2][BN * kBK];  // weight slice, (output channel, channel), per stage
+      __align__(16) uint16_t a[2][BM * BK];  // sampled values, (position, channel), per stage (operand_offset)
+      __align__(16) uint16_t b[2][BN * BK];  // weight slice, (output channel, channel), per stage
     } operands;
     __align__(16) uint16_t scratch[BN * kScratchLd];  // epilogue: (output channel, position)
   };
@@ -305,7 +291,7 @@ inline int64_t window_budget() {
 // the input). Measured on H200 (docs/perf-notes.md, session 6): the kernel takes 276 us against
 // 262 us for the channels-last kernel plus 38 us for the copy it needs (B32 C128 4096 k9), 128
 // against 125 + 20 us (C64), and the forward holds no copy of the input.
-template <int D, int BM, int BN, bool kWindow, typename scalar_t>
+template <int D, int BM, int BN, int BK, bool kWindow, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const ConvGeometry<D> geo, const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
                    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ weight_rows,
@@ -316,11 +302,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kWarpsN = (kThreads / 32) / kWarpsM;
   constexpr int kWarpN = BN / kWarpsN;  // columns per warp
   constexpr int kTilesN = kWarpN / 8;   // mma n8 tiles per warp
-  constexpr int kPacksPerRow = kBK / kPack;
+  constexpr int kPacksPerRow = BK / kPack;
   constexpr int kCorners = 1 << D;
   static_assert(kWarpsM * kWarpsN == kThreads / 32 && kWarpN % 16 == 0, "tile shape");
   static_assert(BM * kPacksPerRow % kThreads == 0 && BM <= kThreads, "gather and stencil roles");
-  using Shared = ForwardShared<D, BM, BN, scalar_t>;
+  using Shared = ForwardShared<D, BM, BN, BK, scalar_t>;
   extern __shared__ __align__(128) unsigned char forward_shared[];
   auto& smem = *reinterpret_cast<Shared*>(forward_shared);
 
@@ -342,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t n0 = (blockIdx.y % tiles_n) * BN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const scalar_t* zeros = reinterpret_cast<const scalar_t*>(zero_pack);
-  const int chunks = in_per_group / kBK;
+  const int chunks = in_per_group / BK;
   const int steps = K * chunks;
 
   // Thread tid < BM keeps tile row tid's sample, position and origin in shared memory. The
@@ -369,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   if constexpr (kParts > 1) __syncthreads();  // the other parts read the row data
 
-  // Steps run over (kernel point k, chunk of kBK channels); a stencil set is one (k, offset
+  // Steps run over (kernel point k, chunk of BK channels); a stencil set is one (k, offset
   // group), which changes with k and where a group's channels span several offset groups. The
   // cursor walks the sets' first steps without divisions.
   const int og_first = g * in_per_group / per_offset_group;
@@ -381,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto advance = [&](Cursor& c) {  // to the first step of the next set
     for (;;) {
       ++c.step;
-      c.c0 += kBK;
+      c.c0 += BK;
       if (c.c0 == in_per_group) {
         c.c0 = 0;
         ++c.k;
@@ -546,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const bool valid = p < BN * kPacksPerRow && n0 + col < out_per_group;
     // An invalid copy reads nothing (0 bytes) from a valid address: the first weight row.
     weight_source[i] = valid ? weight_rows + (g * out_per_group + n0 + col) * R + pack * kPack : weight_rows;
-    weight_target[i] = p < BN * kPacksPerRow ? operand_offset(col, pack) : -1;
+    weight_target[i] = p < BN * kPacksPerRow ? operand_offset<BK>(col, pack) : -1;
     weight_bytes[i] = valid ? 16 : 0;
   }
   // ldmatrix lane addresses: A tiles (rows g / g + 8, k 0-7 / 8-15) in the order a0..a3, B tiles
@@ -555,23 +541,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int a_col = 8 * (lane / 16);
   const int b_row = warp_n * kWarpN + lane % 8 + 8 * (lane / 16);
   const int b_col = 8 * ((lane / 8) % 2);
-  const int a_offset = operand_offset(a_row, a_col / 8);  // at kk = 0
-  const int b_offset = operand_offset(b_row, b_col / 8);
-  static_assert(kBK == 32, "the operand offsets at kk = 16 (a_offset ^ kk)");
+  const int a_offset = operand_offset<BK>(a_row, a_col / 8);  // at kk = 0 (operand_offset: ^ kk after)
+  const int b_offset = operand_offset<BK>(b_row, b_col / 8);
   float acc[2][kTilesN][4] = {};
   int c0 = 0;  // the step's first channel
   for (int s = 0; s < steps; ++s) {
     uint16_t* a_tile = smem.operands.a[s & 1];
     uint16_t* b_tile = smem.operands.b[s & 1];
-    // Weight slice: BN output channels x kBK channels of kernel point k, copied asynchronously
+    // Weight slice: BN output channels x BK channels of kernel point k, copied asynchronously
     // while this thread gathers.
-    const int64_t weight_step = static_cast<int64_t>(s) * kBK;  // = k * C_in/G + c0
+    const int64_t weight_step = static_cast<int64_t>(s) * BK;  // = k * C_in/G + c0
     for (int i = 0; i < kWeightCopies; ++i) {
       if (weight_target[i] >= 0) {
         copy_async_16(b_tile + weight_target[i], weight_source[i] + weight_step, weight_bytes[i]);
       }
     }
-    // Gather: BM rows x kBK / kPack packs.
+    // Gather: BM rows x BK / kPack packs.
     {
       const ForwardPoints<D, BM, scalar_t>& points = smem.points[buffer];
 #pragma unroll
@@ -606,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(values[v]);
-        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + operand_offset(row, p % kPacksPerRow)) = out;
+        *reinterpret_cast<Pack<scalar_t, kPack>*>(a_tile + operand_offset<BK>(row, p % kPacksPerRow)) = out;
       }
     }
     // The next stencil set into the other buffer (its last readers finished before the
@@ -620,21 +605,21 @@ __global__ void __launch_bounds__(kThreads, 2)
     copy_async_wait_all();
     __syncthreads();
     if (switching) buffer ^= 1;
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < BK; kk += 16) {
       unsigned a[2][4];
-      // operand_offset(row + 16 f, chunk + kk / 8) = operand_offset(row, chunk) ^ kk + 16 f kBK: kk
-      // toggles bit 1 of the chunk (bit 4 of the offset), 16 f rows keep the swizzle.
-      for (int f = 0; f < 2; ++f) load_matrix_x4(a[f], a_tile + ((a_offset ^ kk) + f * 16 * kBK), false);
+      // operand_offset(row + 16 f, chunk + kk / 8) = operand_offset(row, chunk) ^ kk + 16 f BK: kk
+      // toggles bits 1-2 of the chunk (bits 4-5 of the offset), 16 f rows keep the swizzle.
+      for (int f = 0; f < 2; ++f) load_matrix_x4(a[f], a_tile + ((a_offset ^ kk) + f * 16 * BK), false);
       for (int j = 0; j < kTilesN; j += 2) {
         unsigned b[4];
-        load_matrix_x4(b, b_tile + ((b_offset ^ kk) + j * 8 * kBK), false);
+        load_matrix_x4(b, b_tile + ((b_offset ^ kk) + j * 8 * BK), false);
         for (int f = 0; f < 2; ++f) {
           mma_16816<scalar_t>(acc[f][j], a[f], b[0], b[1]);
           mma_16816<scalar_t>(acc[f][j + 1], a[f], b[2], b[3]);
         }
       }
     }
-    c0 += kBK;
+    c0 += BK;
     if (c0 == in_per_group) c0 = 0;
   }
 
@@ -753,6 +738,17 @@ Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int sha
   return window;
 }
 
+// Whether the 2-D and 3-D forward with at most 64 output channels per group takes steps of 64 channels
+// (a kernel point's whole 128-byte corner row per gather, 16 corner loads per thread in flight, half
+// the steps and barriers): C_in/G and C_in/offset_groups multiples of 64. DCNLAB_FWD_BK=32 keeps
+// steps of 32 (A/B timing).
+template <int D>
+bool wide_steps(const ConvGeometry<D>& geo) {
+  const char* bk = std::getenv("DCNLAB_FWD_BK");
+  if (bk != nullptr && std::string(bk) == "32") return false;
+  return (geo.in_channels / geo.groups) % 64 == 0 && geo.channels_per_offset_group() % 64 == 0;
+}
+
 // The fused forward; `input` as in fusable().
 template <int D, typename scalar_t>
 void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t* offset, const scalar_t* mask,
@@ -763,13 +759,13 @@ void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t
   auto run = [&](auto block_m, auto block_n) {
     constexpr int BM = decltype(block_m)::value;
     constexpr int BN = decltype(block_n)::value;
-    constexpr int bytes = sizeof(ForwardShared<D, BM, BN, scalar_t>);
+    constexpr int bytes = sizeof(ForwardShared<D, BM, BN, kBK, scalar_t>);
     const int64_t m_tiles = (geo.batch * geo.out_plane + BM - 1) / BM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(geo.groups * ((out_per_group + BN - 1) / BN)));
     const Window window = input_window(geo, input, bytes);
     if constexpr (D == 1) {
       if (window.length > 0) {
-        constexpr auto kernel = forward_kernel<D, BM, BN, true, scalar_t>;
+        constexpr auto kernel = forward_kernel<D, BM, BN, kBK, true, scalar_t>;
         const int shared = bytes + static_cast<int>(window_bytes(window));  // <= window_budget()
         // The kernel may use up to the budget on this device: set once per device, with the same
         // value whichever thread gets there first.
@@ -780,10 +776,21 @@ void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t
       }
     }
     const at::Tensor channels_last = layout_copy::to_channels_last(input);
-    constexpr auto kernel = forward_kernel<D, BM, BN, false, scalar_t>;
-    opt_in_shared_memory<kernel>(bytes);
-    kernel<<<grid, kThreads, bytes, stream>>>(geo, channels_last.const_data_ptr<scalar_t>(), offset, mask, weight_rows,
-                                              bias, output, window);
+    auto launch = [&](auto block_k) {
+      constexpr int BK = decltype(block_k)::value;
+      constexpr int shared = sizeof(ForwardShared<D, BM, BN, BK, scalar_t>);
+      constexpr auto kernel = forward_kernel<D, BM, BN, BK, false, scalar_t>;
+      opt_in_shared_memory<kernel>(shared);
+      kernel<<<grid, kThreads, shared, stream>>>(geo, channels_last.const_data_ptr<scalar_t>(), offset, mask,
+                                                 weight_rows, bias, output, window);
+    };
+    if constexpr (D >= 2 && BN == 64) {
+      if (wide_steps(geo)) {
+        launch(std::integral_constant<int, 64>());
+        return;
+      }
+    }
+    launch(std::integral_constant<int, kBK>());
   };
   // Two blocks per SM (128 registers per thread). Measured on H200 (docs/perf-notes.md, v12):
   // 64-row tiles or three blocks per SM (80 registers) are 10-40% slower on every benchmark shape.

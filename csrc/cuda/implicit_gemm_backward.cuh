@@ -40,6 +40,10 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "atomics.cuh"
 #include "bias_grad.cuh"
 #include "implicit_gemm.cuh"
@@ -111,6 +115,9 @@ struct BackwardArgs {
   // tile_begin + tile_count - 1 (one at a time through shared memory), the weight gradient is
   // that of the last of them.
   int tile_begin, tile_count;
+  // The blocks of kernel point k start their walk over the position tiles k * tile_rotate tiles
+  // further on (0: every kernel point walks the same tiles at the same time; see backward()).
+  int64_t tile_rotate = 0;
 };
 
 // Whether a backward kernel computes the bias gradient (BackwardArgs::bias_part): one tile of output
@@ -255,7 +262,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   float bias_acc[4] = {};
 
   const int64_t tiles = (M + BM - 1) / BM;
-  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+  const int64_t rotation = args.tile_rotate > 0 ? (static_cast<int64_t>(k) * args.tile_rotate) % tiles : 0;
+  for (int64_t walk = blockIdx.y; walk < tiles; walk += gridDim.y) {
+    const int64_t tile = walk + rotation < tiles ? walk + rotation : walk + rotation - tiles;
     const int64_t m0 = tile * BM;
     __syncthreads();  // the previous tile is consumed
     // 1. Grad-output tile (the first output-channel tile of the launch) and, with several
@@ -350,25 +359,41 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Every thread runs BM * 4 / kThreads = 2 iterations (the shuffles need whole warps); the
     // four packs of a position are four consecutive lanes.
     static_assert(BM * kPacksPerRow % kThreads == 0, "whole warps in the shuffles");
-#pragma unroll
-    for (int iteration = 0; iteration < BM * kPacksPerRow / kThreads; ++iteration) {
-      const int p = tid + iteration * kThreads;
-      const int row = p / kPacksPerRow;
-      const int pack = p % kPacksPerRow;
-      const TilePoints<D>& points = smem.points;
-      const int64_t channel = c_abs + pack * kPack;
-      float weights[kCorners];
-      Pack<scalar_t, kPack> corners[kCorners];
+    constexpr int kIterations = BM * kPacksPerRow / kThreads;
+    const int pack = tid % kPacksPerRow;
+    const TilePoints<D>& points = smem.points;
+    const int64_t channel = c_abs + pack * kPack;
+    // The corners of an iteration's (position, pack) as raw 16-byte bits. In 1-D and 2-D the next
+    // iteration's are loaded before this one's reductions, which ptxas does not move loads across:
+    // kernel 1.3% (B8 C64 128x128) and 2.7% (B32 C128 4096 k9) faster on H200 (docs/perf-notes.md,
+    // session 17). 3-D would need 32 more registers; not done.
+    constexpr bool kPrefetchCorners = D <= 2;
+    auto load_corners = [&](int iteration, uint4 (&bits)[kCorners]) {
+      const int row = (tid + iteration * kThreads) / kPacksPerRow;
       for (int corner = 0; corner < kCorners; ++corner) {
         const int64_t index = points.index[corner][row];
-        weights[corner] = points.weight[corner][row];
-        corners[corner] = load_pack(index >= 0 ? args.input + index + channel : zeros);
+        bits[corner] = __ldg(reinterpret_cast<const uint4*>(index >= 0 ? args.input + index + channel : zeros));
       }
+    };
+    uint4 next_corners[kCorners];
+    if constexpr (kPrefetchCorners) load_corners(0, next_corners);
+#pragma unroll
+    for (int iteration = 0; iteration < kIterations; ++iteration) {
+      const int row = (tid + iteration * kThreads) / kPacksPerRow;
+      float weights[kCorners];
+      uint4 corners[kCorners];
+      if constexpr (kPrefetchCorners) {
+        for (int corner = 0; corner < kCorners; ++corner) corners[corner] = next_corners[corner];
+        if (iteration + 1 < kIterations) load_corners(iteration + 1, next_corners);
+      } else {
+        load_corners(iteration, corners);
+      }
+      for (int corner = 0; corner < kCorners; ++corner) weights[corner] = points.weight[corner][row];
       const float modulation = points.modulation[row];
       if (want_columns) {
         float values[kPack] = {};
         for (int corner = 0; corner < kCorners; ++corner) {
-          accumulate_pack<scalar_t>(values, weights[corner], as_bits(corners[corner]));
+          accumulate_pack<scalar_t>(values, weights[corner], corners[corner]);
         }
         Pack<scalar_t, kPack> out;
         for (int v = 0; v < kPack; ++v) out.v[v] = static_cast<scalar_t>(modulation * values[v]);
@@ -415,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       float grad_mod = 0;
       for (int corner = 0; corner < kCorners; ++corner) {
         float x[kPack];
-        widen_pack<scalar_t>(as_bits(corners[corner]), x);
+        widen_pack<scalar_t>(corners[corner], x);
         float dot = 0;
         for (int v = 0; v < kPack; ++v) dot += grad[v] * x[v];
         grad_mod += weights[corner] * dot;
@@ -443,7 +468,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < tile_end(last_tile)) {
       // A split's i-th tile goes to turn i % bias_period: every turn of a split gets its share.
-      const bool bias_tile = bias_warp && static_cast<unsigned>(tile / gridDim.y) % args.bias_period == bias_turn;
+      // Rotated walks give the blocks of a split different tiles: the turn is then the tile's own.
+      const int64_t turn_key = args.tile_rotate > 0 ? tile : walk / gridDim.y;
+      const bool bias_tile = bias_warp && static_cast<unsigned>(turn_key % args.bias_period) == bias_turn;
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
         load_matrix_x4(a, smem.grad_out + (weight_row + quad_row + 8 * (quad % 2)) * kLdOut + p0 + 8 * (quad / 2), false);
@@ -587,6 +614,13 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     const int64_t launches = (geo.batch + chunk - 1) / chunk;
     at::Tensor bias_part;
     if (fused_bias) bias_part = at::empty({launches * splits * bias_period, geo.out_channels}, options);
+    // Walks rotated by kernel point: the blocks of the K kernel points then work on tiles about
+    // tiles / K apart instead of all on the same ones at once (whose grad_input reductions go to
+    // neighbouring pixels). Measured on H200 (docs/perf-notes.md, session 17): the 2-D kernel 2.4%
+    // faster (B8 C64 128x128), 1-D unchanged, 3-D unchanged for B4 C64 32^3 and 5% slower for B2 C32
+    // 64^3, so 1-D and 2-D only. DCNLAB_BWD_ROTATE=0 / 1 turns it off / on (A/B timing).
+    bool rotate = D <= 2;
+    if (const char* variable = std::getenv("DCNLAB_BWD_ROTATE")) rotate = std::string(variable) == "1";
     const bool vector_grad_out =
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
     auto launch = [&](const BackwardArgs<scalar_t>& args) {
@@ -601,26 +635,27 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       // whole input only: a one-sample chunk can be channels-last where the input is not).
       if (reinterpret_cast<uintptr_t>(input_chunk.const_data_ptr()) % 16 != 0) input_chunk = input_chunk.clone();
       if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
-      const BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
-                                                offset.const_data_ptr<scalar_t>(),
-                                                mask ? mask->const_data_ptr<scalar_t>() : nullptr,
-                                                weight_rows.const_data_ptr<scalar_t>(),
-                                                grad_output.const_data_ptr<scalar_t>(),
-                                                b0,
-                                                n,
-                                                vector_grad_out,
-                                                nullptr,
-                                                nullptr,
-                                                nullptr,
-                                                nullptr,
-                                                nullptr,
-                                                need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
-                                                weight_rows_per_group,
-                                                fused_bias ? bias_part.mutable_data_ptr<float>() : nullptr,
-                                                (b0 / chunk) * splits * bias_period,
-                                                static_cast<unsigned>(bias_period),
-                                                0,
-                                                1};
+      BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
+                                          offset.const_data_ptr<scalar_t>(),
+                                          mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                          weight_rows.const_data_ptr<scalar_t>(),
+                                          grad_output.const_data_ptr<scalar_t>(),
+                                          b0,
+                                          n,
+                                          vector_grad_out,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
+                                          weight_rows_per_group,
+                                          fused_bias ? bias_part.mutable_data_ptr<float>() : nullptr,
+                                          (b0 / chunk) * splits * bias_period,
+                                          static_cast<unsigned>(bias_period),
+                                          0,
+                                          1};
+      columns_only.tile_rotate = rotate ? std::max<int64_t>(1, tiles / geo.kernel_points) : 0;
       // Weight-only launches for every output tile but the last, which the sampling launch takes.
       const int weight_only = need_weight ? (need_sampling ? out_tiles - 1 : out_tiles) : 0;
       for (int t = 0; t < weight_only; ++t) {
