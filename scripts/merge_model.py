@@ -8,8 +8,9 @@ Positions run along x in rows of a 64^D input (a tile of 128 consecutive positio
 fused backward), offsets N(0, scale) per position and axis. Two rules:
 - "sequential" (the 2-D paired im2col kernel, session 16): a team walks its positions in order; a
   corner of position r that is also one of r + 1 is deferred to r + 1 unless r received it itself.
-- "local" (the prepared fused-backward patch, docs/prepared/): deferred iff shared with r + 1 and
-  not with r - 1; received iff shared with r - 1 and r - 1 does not share it with r - 2.
+- "local" (session 16's fused-backward patch, at a1d93ba; measured and dropped in session 17):
+  deferred iff shared with r + 1 and not with r - 1; received iff shared with r - 1 and r - 1 does
+  not share it with r - 2.
 """
 
 import itertools
