@@ -75,12 +75,19 @@ struct TilePoints {
 };
 
 // Rows of 16-bit tiles are 8 elements longer than their data (272, and 80 or 144 bytes), which
-// keeps the ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups; fp32
-// grad-column rows are 4 longer (16-byte aligned float4 reads). CH channels per block.
+// keeps the ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups. fp32
+// grad-column rows are 8 floats longer (a row stride of 8 banks modulo 32: a warp's phase-2
+// fragment stores, 8 rows x 4 float2, take the 2 wavefronts their 256 bytes need; with 4 they took
+// 3.6 on average, docs/perf-notes.md, session 17), and in a 64-channel row channels 32..63 sit 4
+// floats further on (grad_col()), so that the 8 lanes of a position reading 8 floats each at
+// 32-byte steps hit 8 distinct bank groups (2-way before). CH channels per block.
 template <int D, int BN, int CH>
 struct alignas(128) BackwardShared {
   static constexpr int kLdChannels = CH + 8;
-  static constexpr int kLdGrad = CH + 4;
+  static constexpr int kLdGrad = CH + 8;
+  static constexpr int kGradGap = CH > 32 ? 4 : 0;
+  // Offset of channel c in a grad-column row (no 16-byte read or float2 write crosses channel 32).
+  __host__ __device__ static constexpr int grad_col(int c) { return c + (c >= 32 ? kGradGap : 0); }
   __align__(32) uint16_t grad_out[BN * (kBackwardBM + 8)];  // (output channel, position)
   __align__(32) uint16_t weight[BN * kLdChannels];          // (output channel, channel)
   __align__(32) uint16_t columns[kBackwardBM * kLdChannels];  // (position, channel)
@@ -340,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         for (int n = 0; n < CH / 8; ++n) {
           for (int half = 0; half < 2; ++half) {
-            float2* target =
-                reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad + n * 8 + pair);
+            float2* target = reinterpret_cast<float2*>(smem.grad_columns + (warp * 16 + group + half * 8) * kLdGrad +
+                                                       Shared::grad_col(n * 8 + pair));
             float2 value = make_float2(grad_acc[n][2 * half], grad_acc[n][2 * half + 1]);
             if (kTiled && t > tile_begin) {
               const float2 sum = *target;
@@ -402,9 +409,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (!want_grad_columns) continue;
       float grad[kPack];
       {
-        const float4* source = reinterpret_cast<const float4*>(smem.grad_columns + row * kLdGrad + pack * kPack);
-        const float4 low = source[0];
-        const float4 high = source[1];
+        const float* source = smem.grad_columns + row * kLdGrad;
+        const float4 low = *reinterpret_cast<const float4*>(source + Shared::grad_col(pack * kPack));
+        const float4 high = *reinterpret_cast<const float4*>(source + Shared::grad_col(pack * kPack + 4));
         grad[0] = low.x, grad[1] = low.y, grad[2] = low.z, grad[3] = low.w;
         grad[4] = high.x, grad[5] = high.y, grad[6] = high.z, grad[7] = high.w;
       }
@@ -414,9 +421,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         // contiguous channels across the lanes: whole 32-byte sectors, not half-used ones.
         float scatter[kPack];
         {
-          const float* source = smem.grad_columns + row * kLdGrad + pack * 4;
-          const float4 low = *reinterpret_cast<const float4*>(source);
-          const float4 high = *reinterpret_cast<const float4*>(source + CH / 2);
+          const float* source = smem.grad_columns + row * kLdGrad;
+          const float4 low = *reinterpret_cast<const float4*>(source + Shared::grad_col(pack * 4));
+          const float4 high = *reinterpret_cast<const float4*>(source + Shared::grad_col(CH / 2 + pack * 4));
           scatter[0] = low.x, scatter[1] = low.y, scatter[2] = low.z, scatter[3] = low.w;
           scatter[4] = high.x, scatter[5] = high.y, scatter[6] = high.z, scatter[7] = high.w;
         }
