@@ -60,8 +60,9 @@ def main() -> None:
             run_case(dims, dtype, channels=64)
             run_case(dims, dtype, channels=64, in_size=(16, 8, 4), offset_groups=1)
             # One group of 64 input channels and at most 64 output channels: the 2-D and 3-D fused
-            # forward's steps of 64 channels.
-            run_case(dims, dtype, channels=64, offset_groups=1, groups=1, out_channels=48)
+            # forward's steps of 64 channels; in 2-D 15 position tiles, so that the backward's walks
+            # rotated by kernel point start apart.
+            run_case(dims, dtype, channels=64, offset_groups=1, groups=1, out_channels=48, in_size=(40, 24, 4))
             # One conv group of 256 channels: the im2col path's paired kernels (two 8-channel packs
             # per lane in the forward, two 4-channel packs in the sampling gradients).
             run_case(dims, dtype, channels=256, offset_groups=1, groups=1, out_channels=16)

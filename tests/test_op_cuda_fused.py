@@ -586,6 +586,8 @@ def test_paired_sampling_grads_merge_corners_shared_with_the_next_position(
         dict(in_channels=64, out_channels=64, padding=1, offset_scale=2.0),
         dict(in_channels=128, out_channels=40, groups=2, offset_groups=2, stride=2, padding=1, offset_scale=20.0),
         dict(in_channels=128, out_channels=64, padding=2, dilation=2, mask=False, bias=False),
+        dict(in_channels=128, out_channels=48, offset_groups=2, padding=1),  # offset groups change within a point
+        dict(in_channels=128, out_channels=64, groups=2, offset_groups=1, padding=1),  # one offset group, two groups
     ],
 )
 def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, config, monkeypatch):
@@ -608,3 +610,23 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
     narrow = forward()
     assert any(f"forward_kernel<{dims}, 128, 64, 32," in name for name in kernel_names(forward))
     assert torch.equal(wide, narrow)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2])
+def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dims, dtype, monkeypatch):
+    """In 1-D and 2-D the fused backward's blocks of kernel point k start their walk over the position
+    tiles k * tiles / K tiles on (DCNLAB_BWD_ROTATE=0 turns it off). Several tiles per sample, so that
+    the rotation is not zero; against the float64 reference, and the gradients of both walks agree up
+    to the order of their fp32 sums (the bias gradient included: its tiles are dealt out differently)."""
+    in_size = {1: (700,), 2: (24, 20)}[dims]
+    case = make_case(dims, seed=23, batch=2, in_channels=64, out_channels=48, padding=1, in_size=in_size)
+    check_fused_backward(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    grad_output = random_grad_output(cuda_case)
+    rotated = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    monkeypatch.setenv("DCNLAB_BWD_ROTATE", "0")
+    plain = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    for name in GRAD_NAMES:
+        if name in plain:
+            assert_close_to_scale(rotated[name], plain[name], TOLERANCE[dtype], f"grad {name}")

@@ -56,9 +56,10 @@ constexpr int64_t kMaxFusedChannels = 128;  // per conv group, input and output 
 // ldmatrix phase reads (one chunk each) and the rows of a gather or weight-copy phase (128
 // contiguous bytes of a row pair or row) then fall on eight distinct 16-byte bank groups. The
 // padded 80-byte rows before kept ldmatrix conflict-free but made every gather store and weight
-// copy a 2-way bank conflict (docs/perf-notes.md, session 11). In both, the chunk's bit 1..2 (kk / 8
-// of an ldmatrix step at kk = 16, 32, 48 with chunk 0 or 1) toggles independently of the row, so
-// operand_offset(row, chunk + kk / 8) = operand_offset(row, chunk) ^ kk.
+// copy a 2-way bank conflict (docs/perf-notes.md, session 11). In both, kk / 8 of an ldmatrix step
+// (kk = 16 with BK = 32; 16, 32, 48 with BK = 64) sets chunk bits above bit 0 and so toggles
+// independently of the row for chunk 0 or 1: operand_offset(row, chunk + kk / 8) =
+// operand_offset(row, chunk) ^ kk.
 template <int BK>
 __host__ __device__ constexpr int operand_offset(int row, int chunk) {
   static_assert(BK == 32 || BK == 64, "64- or 128-byte rows");
@@ -738,10 +739,12 @@ Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int sha
   return window;
 }
 
-// Whether the 2-D and 3-D forward with at most 64 output channels per group takes steps of 64 channels
-// (a kernel point's whole 128-byte corner row per gather, 16 corner loads per thread in flight, half
-// the steps and barriers): C_in/G and C_in/offset_groups multiples of 64. DCNLAB_FWD_BK=32 keeps
-// steps of 32 (A/B timing).
+// Whether the forward may take steps of 64 channels (a kernel point's whole 128-byte corner row per
+// gather, two iterations' corner loads in flight, half the steps and barriers): C_in/G and
+// C_in/offset_groups multiples of 64, so that no step straddles a conv or offset group. The caller
+// adds its own conditions (2-D or 3-D, tiles of 64 output channels, two blocks per SM).
+// DCNLAB_FWD_BK=32 keeps steps of 32 (A/B timing; the same output bit for bit); unset or any other
+// value, the default.
 template <int D>
 bool wide_steps(const ConvGeometry<D>& geo) {
   const char* bk = std::getenv("DCNLAB_FWD_BK");
@@ -784,8 +787,13 @@ void forward(const ConvGeometry<D>& geo, const at::Tensor& input, const scalar_t
       kernel<<<grid, kThreads, shared, stream>>>(geo, channels_last.const_data_ptr<scalar_t>(), offset, mask,
                                                  weight_rows, bias, output, window);
     };
+    // Steps of 64 channels where they apply and the card still fits two blocks per SM (65-78 KiB of
+    // shared memory each: not on sm_86/sm_89, whose SMs have 100 KiB). Measured on H200
+    // (docs/perf-notes.md, session 17): 9-11% faster forward kernels.
     if constexpr (D >= 2 && BN == 64) {
-      if (wide_steps(geo)) {
+      constexpr auto wide_kernel = forward_kernel<D, BM, BN, 64, false, scalar_t>;
+      if (wide_steps(geo) &&
+          opt_in_shared_memory<wide_kernel>(static_cast<int>(sizeof(ForwardShared<D, BM, BN, 64, scalar_t>))) >= 2) {
         launch(std::integral_constant<int, 64>());
         return;
       }

@@ -363,8 +363,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
 
     // 3. One read of each (position, pack)'s corners: the columns and the sampling gradients.
-    // Every thread runs BM * 4 / kThreads = 2 iterations (the shuffles need whole warps); the
-    // four packs of a position are four consecutive lanes.
+    // Every thread runs BM * (CH / 8) / kThreads = 2 or 4 iterations (the shuffles need whole
+    // warps); the CH / 8 packs of a position are consecutive lanes.
     static_assert(BM * kPacksPerRow % kThreads == 0, "whole warps in the shuffles");
     constexpr int kIterations = BM * kPacksPerRow / kThreads;
     const int pack = tid % kPacksPerRow;
@@ -373,8 +373,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     // The corners of an iteration's (position, pack) as raw 16-byte bits. In 1-D and 2-D the next
     // iteration's are loaded before this one's reductions, which ptxas does not move loads across:
     // kernel 1.3% (B8 C64 128x128) and 2.7% (B32 C128 4096 k9) faster on H200 (docs/perf-notes.md,
-    // session 17). 3-D would need 32 more registers; not done.
-    constexpr bool kPrefetchCorners = D <= 2;
+    // session 17). 3-D would need 32 more registers, and the kernels over several output tiles
+    // spill with it (8-16 bytes): not done there.
+    constexpr bool kPrefetchCorners = D <= 2 && !kTiled;
     auto load_corners = [&](int iteration, uint4 (&bits)[kCorners]) {
       const int row = (tid + iteration * kThreads) / kPacksPerRow;
       for (int corner = 0; corner < kCorners; ++corner) {
@@ -474,8 +475,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < tile_end(last_tile)) {
-      // A split's i-th tile goes to turn i % bias_period: every turn of a split gets its share.
-      // Rotated walks give the blocks of a split different tiles: the turn is then the tile's own.
+      // Unrotated, a split's i-th tile goes to turn i % bias_period (the blocks of a split walk the
+      // same tiles): every turn of a split gets its share. Rotated walks give the blocks of a split
+      // different tiles, so the turn is then tile % bias_period: one block per tile either way.
       const int64_t turn_key = args.tile_rotate > 0 ? tile : walk / gridDim.y;
       const bool bias_tile = bias_warp && static_cast<unsigned>(turn_key % args.bias_period) == bias_turn;
       for (int p0 = 0; p0 < BM; p0 += 16) {
@@ -625,9 +627,13 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     // tiles / K apart instead of all on the same ones at once (whose grad_input reductions go to
     // neighbouring pixels). Measured on H200 (docs/perf-notes.md, session 17): the 2-D kernel 2.4%
     // faster (B8 C64 128x128), 1-D unchanged, 3-D unchanged for B4 C64 32^3 and 5% slower for B2 C32
-    // 64^3, so 1-D and 2-D only. DCNLAB_BWD_ROTATE=0 / 1 turns it off / on (A/B timing).
+    // 64^3, so 1-D and 2-D only. DCNLAB_BWD_ROTATE=0 / 1 turns it off / on (A/B timing; the
+    // gradients then differ in the order of their fp32 sums); unset or any other value, the default.
     bool rotate = D <= 2;
-    if (const char* variable = std::getenv("DCNLAB_BWD_ROTATE")) rotate = std::string(variable) == "1";
+    if (const char* variable = std::getenv("DCNLAB_BWD_ROTATE")) {
+      const std::string value(variable);
+      if (value == "0" || value == "1") rotate = value == "1";
+    }
     const bool vector_grad_out =
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
     auto launch = [&](const BackwardArgs<scalar_t>& args) {
