@@ -24,6 +24,7 @@ Usage (the repository root is put on sys.path, so an in-place build needs no ins
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -476,6 +477,18 @@ def git_revision() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def source_digest() -> str:
+    """sha256 (12 hex digits) of the compiled sources, csrc/ (every file, by sorted relative path and
+    contents): it names the kernels a run measured where the commit does not (a working tree that
+    differs from its HEAD, e.g. the copy on the lent GPU). For a commit, run it on a checkout of that
+    commit (`git worktree add`)."""
+    digest = hashlib.sha256()
+    root = REPO_ROOT / "csrc"
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Everything the numbers depend on: device, versions, settings, date."""
     meta: dict[str, Any] = {
@@ -489,6 +502,7 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         "torchvision": torchvision.__version__ if torchvision is not None else None,
         "dcnlab": dcnlab.__version__,
         "git": git_revision(),
+        "csrc_sha256": source_digest(),
         "python": platform.python_version(),
         "preset": args.preset,
         "dtypes": args.dtypes,
@@ -552,7 +566,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"- device: {meta['device_name']}"
         + (f" (CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, host {meta['cpu']})" if meta["device"] == "cuda" else ""),
-        f"- torch {meta['torch']}, torchvision {meta['torchvision']}, dcnlab {meta['dcnlab']} ({meta['git']}), "
+        f"- torch {meta['torch']}, torchvision {meta['torchvision']}, dcnlab {meta['dcnlab']} ({meta['git']}, "
+        f"csrc sha256 {meta.get('csrc_sha256', 'n/a')}), "
         f"{meta['threads']} CPU threads, {meta['date']}",
         f"- host load average (1 min): {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end, "
         f"{meta['cpu_count']} CPUs (other processes on the host inflate the times)",
