@@ -605,7 +605,10 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
         return deform_conv(*cuda_case.args())
 
     wide = forward()
-    assert any(f"forward_kernel<{dims}, 128, 64, 64," in name for name in kernel_names(forward))
+    # Steps of 64 only where two of their blocks (65 KiB in 2-D, 78 KiB in 3-D) fit on an SM: not on
+    # cards with 100 KiB per SM (sm_86, sm_89), which keep steps of 32.
+    if torch.cuda.get_device_properties(0).shared_memory_per_multiprocessor >= 2 * (80 << 10):
+        assert any(f"forward_kernel<{dims}, 128, 64, 64," in name for name in kernel_names(forward))
     monkeypatch.setenv("DCNLAB_FWD_BK", "32")
     narrow = forward()
     assert any(f"forward_kernel<{dims}, 128, 64, 32," in name for name in kernel_names(forward))
@@ -616,10 +619,12 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dims, dtype, monkeypatch):
     """In 1-D and 2-D the fused backward's blocks of kernel point k start their walk over the position
-    tiles k * tiles / K tiles on (DCNLAB_BWD_ROTATE=0 turns it off). Several tiles per sample, so that
-    the rotation is not zero; against the float64 reference, and the gradients of both walks agree up
-    to the order of their fp32 sums (the bias gradient included: its tiles are dealt out differently)."""
-    in_size = {1: (700,), 2: (24, 20)}[dims]
+    tiles k * tiles / K tiles on (DCNLAB_BWD_ROTATE=0 turns it off). Enough tiles that the blocks walk
+    several each (on a 132-SM card: 188 tiles in 88 splits in 1-D, 30 in 15 in 2-D), so that walks wrap
+    around; against the float64 reference, and the gradients of both walks agree up to the order of
+    their fp32 sums (the bias gradient included: its tiles are dealt out differently)."""
+    monkeypatch.setenv("DCNLAB_BWD_ROTATE", "1")
+    in_size = {1: (12000,), 2: (48, 40)}[dims]
     case = make_case(dims, seed=23, batch=2, in_channels=64, out_channels=48, padding=1, in_size=in_size)
     check_fused_backward(case, dtype)
     cuda_case = case.to(dtype=dtype, device="cuda")

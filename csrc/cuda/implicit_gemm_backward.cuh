@@ -76,15 +76,17 @@ struct TilePoints {
 
 // Rows of 16-bit tiles are 8 elements longer than their data (272, and 80 or 144 bytes), which
 // keeps the ldmatrix row addresses 16-byte aligned and their 8 rows on distinct bank groups. fp32
-// grad-column rows are 8 floats longer (a row stride of 8 banks modulo 32: a warp's phase-2
-// fragment stores, 8 rows x 4 float2, take the 2 wavefronts their 256 bytes need; with 4 they took
-// 3.6 on average, docs/perf-notes.md, session 17), and in a 64-channel row channels 32..63 sit 4
-// floats further on (grad_col()), so that the 8 lanes of a position reading 8 floats each at
-// 32-byte steps hit 8 distinct bank groups (2-way before). CH channels per block.
+// grad-column rows of 64 channels are 8 floats longer (a row stride of 8 banks modulo 32: a warp's
+// phase-2 fragment stores, 8 rows x 4 float2, take the 2 wavefronts their 256 bytes need; with 4
+// they took 3.6 on average, docs/perf-notes.md, session 17), and their channels 32..63 sit 4 floats
+// further on (grad_col()), so that the 8 lanes of a position reading 8 floats each at 32-byte steps
+// hit 8 distinct bank groups (2-way before). Rows of 32 channels stay 4 floats longer: there a
+// quarter-warp's 16-byte reads cover two rows, which a stride of 4 banks keeps conflict-free (8 would
+// make them 2-way). CH channels per block.
 template <int D, int BN, int CH>
 struct alignas(128) BackwardShared {
   static constexpr int kLdChannels = CH + 8;
-  static constexpr int kLdGrad = CH + 8;
+  static constexpr int kLdGrad = CH > 32 ? CH + 8 : CH + 4;
   static constexpr int kGradGap = CH > 32 ? 4 : 0;
   // Offset of channel c in a grad-column row (no 16-byte read or float2 write crosses channel 32).
   __host__ __device__ static constexpr int grad_col(int c) { return c + (c >= 32 ? kGradGap : 0); }
@@ -589,7 +591,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
   // grad-output tile loads and lets a 64-channel offset group be one chunk; 32 otherwise. With
   // 128 output channels the 64-channel kernel spills registers; measured on H200 (docs/perf-notes.md,
   // v12): 17% faster for 1D (B32 C128 4096 k9), 10% slower in 2D and 3D, so only 1D takes it,
-  // where the card lets a block have its 110 KiB of shared memory (not sm_86/sm_89: 99 KiB).
+  // where the card lets a block have its 112 KiB of shared memory (not sm_86/sm_89: 99 KiB).
   const int64_t per_offset_group = geo.channels_per_offset_group();
   const bool wide_chunks =
       out_per_group <= 64 ||
