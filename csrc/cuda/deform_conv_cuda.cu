@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "../deform_conv_driver.h"
@@ -464,14 +463,6 @@ __device__ __forceinline__ void sampling_grads_body(const ConvGeometry<D> geo, c
   });
 }
 
-// The V half or bfloat16 channels of a corner's bits (uint2: 4, uint4: 8) in fp32.
-template <typename scalar_t, int V, typename bits_t>
-__device__ __forceinline__ void widen_bits(const bits_t& bits, float (&x)[V]) {
-  static_assert(sizeof(bits_t) * 8 == V * 16, "V 16-bit channels");
-  const auto& words = reinterpret_cast<const uint32_t(&)[V / 2]>(bits);
-  for (int w = 0; w < V / 2; ++w) implicit_gemm::widen_pair<scalar_t>(words[w], x[2 * w], x[2 * w + 1]);
-}
-
 // The V channels of a pack of gradient columns in fp32, or zeros where `load` is false: the raw
 // bits are loaded under a predicate and widened after, so that the caller issues the load with its
 // other loads. (Widening inside an `if`, ptxas waited for each gradient-column load in turn before
@@ -492,7 +483,7 @@ __device__ __forceinline__ void load_grad_pack_if(const T* source, bool load, fl
     static_assert(std::is_same_v<T, scalar_t>, "16-bit gradient columns of the input's type");
     using bits_t = std::conditional_t<V == 8, uint4, uint2>;
     const bits_t bits = load ? __ldg(reinterpret_cast<const bits_t*>(source)) : bits_t{};
-    widen_bits<scalar_t, V>(bits, grad);
+    implicit_gemm::widen_bits<scalar_t, V>(bits, grad);
   }
 }
 
@@ -609,7 +600,7 @@ __device__ __forceinline__ void sampling_grads_paired_body(const ConvGeometry<D>
             float dot = 0;
             for (int h = 0; h < 2; ++h) {
               float x[V];
-              widen_bits<scalar_t, V>(corners[corner][h], x);
+              implicit_gemm::widen_bits<scalar_t, V>(corners[corner][h], x);
               for (int v = 0; v < V; ++v) {
                 values[h][v] += weight[corner] * x[v];
                 dot += grad[h][v] * x[v];
@@ -853,8 +844,7 @@ struct CudaSampler : layout_copy::ChannelsLast {
         // C256 28x28 290 / 299 us, B32 C512 14x14 149 / 150, B4 C256 100x168 850 / 876; merged 264 /
         // 309, 132 / 138, 765 / 852 (docs/perf-notes.md, session 16).
         const int64_t per_group = geo.channels_per_offset_group();
-        const char* pack_env = std::getenv("DCNLAB_GRADS_PACK");
-        const bool force_four = pack_env != nullptr && std::string(pack_env) == "4";
+        const bool force_four = implicit_gemm::env_is("DCNLAB_GRADS_PACK", "4");
         const int pack = !force_four && per_group % 8 == 0 && D <= 2 ? 8 : kPack;
         // (The grid, one warp per task, does not depend on the team size.)
         l.shift = team_shift((per_group + 2 * pack - 1) / (2 * pack), kGradTaskPoints);

@@ -144,19 +144,21 @@ __device__ __forceinline__ void widen_pair(uint32_t word, float& first, float& s
   }
 }
 
-// The 8 channels of a 16-byte pack of half or bfloat16 values in fp32.
-template <typename scalar_t>
-__device__ __forceinline__ void widen_pack(const uint4& bits, float (&x)[kPack]) {
+// The V half or bfloat16 values of raw bits (uint2: 4, uint4: 8) in fp32.
+template <typename scalar_t, int V, typename bits_t>
+__device__ __forceinline__ void widen_bits(const bits_t& bits, float (&x)[V]) {
   static_assert(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>, "half types");
-  const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
-  for (int w = 0; w < 4; ++w) widen_pair<scalar_t>(words[w], x[2 * w], x[2 * w + 1]);
+  static_assert(sizeof(bits_t) * 8 == V * 16, "V 16-bit values");
+  uint32_t words[V / 2];
+  memcpy(words, &bits, sizeof(bits));
+  for (int w = 0; w < V / 2; ++w) widen_pair<scalar_t>(words[w], x[2 * w], x[2 * w + 1]);
 }
 
 // values[v] += weight * channel v of a 16-byte pack of 8 half or bfloat16 values, in fp32.
 template <typename scalar_t>
 __device__ __forceinline__ void accumulate_pack(float (&values)[kPack], float weight, const uint4& bits) {
   float x[kPack];
-  widen_pack<scalar_t>(bits, x);
+  widen_bits<scalar_t, kPack>(bits, x);
   for (int v = 0; v < kPack; ++v) values[v] += weight * x[v];
 }
 
@@ -672,6 +674,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// Whether environment variable `name` is set to `value` (the A/B switches; read at every call).
+inline bool env_is(const char* name, const char* value) {
+  const char* variable = std::getenv(name);
+  return variable != nullptr && std::strcmp(variable, value) == 0;
+}
+
 // DCNLAB_CUDA_PATH: "im2col" never fuses, "fused" fuses wherever the kernels can (for
 // measurements), anything else (or unset) picks per shape.
 inline std::string requested_path() {
@@ -747,8 +755,7 @@ Window input_window(const ConvGeometry<D>& geo, const at::Tensor& input, int sha
 // value, the default.
 template <int D>
 bool wide_steps(const ConvGeometry<D>& geo) {
-  const char* bk = std::getenv("DCNLAB_FWD_BK");
-  if (bk != nullptr && std::string(bk) == "32") return false;
+  if (env_is("DCNLAB_FWD_BK", "32")) return false;
   return (geo.in_channels / geo.groups) % 64 == 0 && geo.channels_per_offset_group() % 64 == 0;
 }
 

@@ -41,8 +41,6 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include "atomics.cuh"
 #include "bias_grad.cuh"
@@ -450,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       float grad_mod = 0;
       for (int corner = 0; corner < kCorners; ++corner) {
         float x[kPack];
-        widen_pack<scalar_t>(corners[corner], x);
+        widen_bits<scalar_t, kPack>(corners[corner], x);
         float dot = 0;
         for (int v = 0; v < kPack; ++v) dot += grad[v] * x[v];
         grad_mod += weights[corner] * dot;
@@ -631,11 +629,8 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     // faster (B8 C64 128x128), 1-D unchanged, 3-D unchanged for B4 C64 32^3 and 5% slower for B2 C32
     // 64^3, so 1-D and 2-D only. DCNLAB_BWD_ROTATE=0 / 1 turns it off / on (A/B timing; the
     // gradients then differ in the order of their fp32 sums); unset or any other value, the default.
-    bool rotate = D <= 2;
-    if (const char* variable = std::getenv("DCNLAB_BWD_ROTATE")) {
-      const std::string value(variable);
-      if (value == "0" || value == "1") rotate = value == "1";
-    }
+    const bool rotate = env_is("DCNLAB_BWD_ROTATE", "1") || (D <= 2 && !env_is("DCNLAB_BWD_ROTATE", "0"));
+    const int64_t tile_rotate = rotate ? std::max<int64_t>(1, tiles / geo.kernel_points) : 0;
     const bool vector_grad_out =
         geo.out_plane % 8 == 0 && reinterpret_cast<uintptr_t>(grad_output.const_data_ptr()) % 16 == 0;
     auto launch = [&](const BackwardArgs<scalar_t>& args) {
@@ -650,27 +645,27 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       // whole input only: a one-sample chunk can be channels-last where the input is not).
       if (reinterpret_cast<uintptr_t>(input_chunk.const_data_ptr()) % 16 != 0) input_chunk = input_chunk.clone();
       if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
-      BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
-                                          offset.const_data_ptr<scalar_t>(),
-                                          mask ? mask->const_data_ptr<scalar_t>() : nullptr,
-                                          weight_rows.const_data_ptr<scalar_t>(),
-                                          grad_output.const_data_ptr<scalar_t>(),
-                                          b0,
-                                          n,
-                                          vector_grad_out,
-                                          nullptr,
-                                          nullptr,
-                                          nullptr,
-                                          nullptr,
-                                          nullptr,
-                                          need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
-                                          weight_rows_per_group,
-                                          fused_bias ? bias_part.mutable_data_ptr<float>() : nullptr,
-                                          (b0 / chunk) * splits * bias_period,
-                                          static_cast<unsigned>(bias_period),
-                                          0,
-                                          1};
-      columns_only.tile_rotate = rotate ? std::max<int64_t>(1, tiles / geo.kernel_points) : 0;
+      const BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
+                                                offset.const_data_ptr<scalar_t>(),
+                                                mask ? mask->const_data_ptr<scalar_t>() : nullptr,
+                                                weight_rows.const_data_ptr<scalar_t>(),
+                                                grad_output.const_data_ptr<scalar_t>(),
+                                                b0,
+                                                n,
+                                                vector_grad_out,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                nullptr,
+                                                need_weight ? weight_part.mutable_data_ptr<float>() : nullptr,
+                                                weight_rows_per_group,
+                                                fused_bias ? bias_part.mutable_data_ptr<float>() : nullptr,
+                                                (b0 / chunk) * splits * bias_period,
+                                                static_cast<unsigned>(bias_period),
+                                                0,
+                                                1,
+                                                tile_rotate};
       // Weight-only launches for every output tile but the last, which the sampling launch takes.
       const int weight_only = need_weight ? (need_sampling ? out_tiles - 1 : out_tiles) : 0;
       for (int t = 0; t < weight_only; ++t) {
