@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import GRAD_NAMES, assert_close_to_scale, make_case, random_grad_output, run_with_grads
-from test_op_cuda import TOLERANCE, check_against_reference
+from test_op_cuda import check_against_reference
 
 from dcnlab.ops import deform_conv, deform_conv_reference
 
@@ -545,8 +545,10 @@ def test_sampling_grads_in_packs_of_eight_match_reference_and_packs_of_four(
     narrow = run()
     assert torch.equal(wide[0], narrow[0])
     assert torch.equal(wide[1]["weight"], narrow[1]["weight"])
+    # The same fp32 terms summed in another order, then rounded: at most about one unit of the dtype.
+    rounding = 2 * torch.finfo(dtype).eps
     for name in ("input", "offset", "mask"):
-        assert_close_to_scale(wide[1][name], narrow[1][name], TOLERANCE[dtype], f"grad {name}")
+        assert_close_to_scale(wide[1][name], narrow[1][name], rounding, f"grad {name}")
 
 
 @pytest.mark.parametrize("pack", ["8", "4"])
@@ -604,11 +606,12 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
     def forward():
         return deform_conv(*cuda_case.args())
 
-    wide = forward()
     # Steps of 64 only where two of their blocks (65 KiB in 2-D, 78 KiB in 3-D) fit on an SM: not on
-    # cards with 100 KiB per SM (sm_86, sm_89), which keep steps of 32.
-    if torch.cuda.get_device_properties(0).shared_memory_per_multiprocessor >= 2 * (80 << 10):
-        assert any(f"forward_kernel<{dims}, 128, 64, 64," in name for name in kernel_names(forward))
+    # cards with 100 KiB per SM (sm_86, sm_89), which keep steps of 32 (and have nothing to compare).
+    if torch.cuda.get_device_properties(0).shared_memory_per_multiprocessor < 2 * (80 << 10):
+        pytest.skip("this card fits one block of the 64-channel steps per SM: it keeps steps of 32")
+    wide = forward()
+    assert any(f"forward_kernel<{dims}, 128, 64, 64," in name for name in kernel_names(forward))
     monkeypatch.setenv("DCNLAB_FWD_BK", "32")
     narrow = forward()
     assert any(f"forward_kernel<{dims}, 128, 64, 32," in name for name in kernel_names(forward))
@@ -632,6 +635,9 @@ def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dim
     rotated = run_with_grads(deform_conv, cuda_case, grad_output)[1]
     monkeypatch.setenv("DCNLAB_BWD_ROTATE", "0")
     plain = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    # The same fp32 terms summed in another order, then rounded: at most about one unit of the dtype
+    # (a tile missed or counted twice would be far more).
+    rounding = 2 * torch.finfo(dtype).eps
     for name in GRAD_NAMES:
         if name in plain:
-            assert_close_to_scale(rotated[name], plain[name], TOLERANCE[dtype], f"grad {name}")
+            assert_close_to_scale(rotated[name], plain[name], rounding, f"grad {name}")
