@@ -56,37 +56,44 @@ struct Stencil {
 };
 
 // Sample position of kernel point `kernel_point` for output position `out_index` along each
-// axis: out * stride - padding + k * dilation + offset. `offset` points at the displacement
-// along axis 0; axis a is at offset[a * axis_stride].
+// axis: out * stride - padding + k * dilation + offset, kept as its integer part `base` and the
+// offset `shift` (the offset element in coord_t, exact), not summed: a coord_t sum rounds where
+// |base| is large (fp32 spacing 2^-11 at 4096), which moves the cell and the fraction; split, the
+// cell and fraction are those of the exact sum. `offset` points at the displacement along axis 0;
+// axis a is at offset[a * axis_stride].
 template <int D, typename coord_t, typename scalar_t>
 DCN_HOST_DEVICE void sample_position(const ConvGeometry<D>& geo, int64_t out_index, int64_t kernel_point,
-                                     const scalar_t* offset, int64_t axis_stride, coord_t (&pos)[D]) {
+                                     const scalar_t* offset, int64_t axis_stride, int64_t (&base)[D],
+                                     coord_t (&shift)[D]) {
   for (int a = D - 1; a >= 0; --a) {
     const int64_t o = out_index % geo.out_size[a];
     out_index /= geo.out_size[a];
     const int64_t k = kernel_point % geo.kernel[a];
     kernel_point /= geo.kernel[a];
-    pos[a] = static_cast<coord_t>(o * geo.stride[a] - geo.padding[a] + k * geo.dilation[a]) +
-             static_cast<coord_t>(offset[a * axis_stride]);
+    base[a] = o * geo.stride[a] - geo.padding[a] + k * geo.dilation[a];
+    shift[a] = static_cast<coord_t>(offset[a * axis_stride]);
   }
 }
 
-// The cell of a sample point: its lower corner and position within the cell along each axis.
-// Returns false for a point outside (-1, size) along any axis, or with a non-finite coordinate:
-// it contributes nothing, and neither does its gradient. The range test comes before any
-// float-to-int conversion, so huge or NaN coordinates never reach one.
+// The cell of the sample point base + shift: its lower corner and position within the cell along
+// each axis, from floor(shift), so exact whatever the size of base (see sample_position). Returns
+// false for a point outside (-1, size) along any axis, or with a non-finite coordinate: it
+// contributes nothing, and neither does its gradient. The range test (shift against
+// -1 - base and size - base, exact below 2^24 in fp32) comes before any float-to-int conversion,
+// so huge or NaN coordinates never reach one.
 template <int D, typename coord_t>
-DCN_HOST_DEVICE bool stencil_cell(const coord_t (&pos)[D], const int64_t (&in_size)[D], int64_t (&low)[D],
-                                  coord_t (&frac)[D]) {
+DCN_HOST_DEVICE bool stencil_cell(const int64_t (&base)[D], const coord_t (&shift)[D], const int64_t (&in_size)[D],
+                                  int64_t (&low)[D], coord_t (&frac)[D]) {
   bool in_range = true;
   for (int a = 0; a < D; ++a) {
-    in_range = in_range && (pos[a] > coord_t(-1)) && (pos[a] < static_cast<coord_t>(in_size[a]));
+    in_range = in_range && (shift[a] > static_cast<coord_t>(-1 - base[a])) &&
+               (shift[a] < static_cast<coord_t>(in_size[a] - base[a]));
   }
   for (int a = 0; a < D; ++a) {
     if (in_range) {
-      const coord_t fl = floor(pos[a]);
-      low[a] = static_cast<int64_t>(fl);
-      frac[a] = pos[a] - fl;
+      const coord_t fl = floor(shift[a]);
+      low[a] = base[a] + static_cast<int64_t>(fl);
+      frac[a] = shift[a] - fl;
     } else {
       low[a] = 0;
       frac[a] = 0;
@@ -115,9 +122,10 @@ DCN_HOST_DEVICE bool stencil_corner(const int64_t (&low)[D], const coord_t (&fra
 
 // Builds the stencil of a sample point (see stencil_cell for points outside the input).
 template <int D, typename coord_t>
-DCN_HOST_DEVICE void build_stencil(const coord_t (&pos)[D], const int64_t (&in_size)[D], Stencil<D, coord_t>& s) {
+DCN_HOST_DEVICE void build_stencil(const int64_t (&base)[D], const coord_t (&shift)[D], const int64_t (&in_size)[D],
+                                   Stencil<D, coord_t>& s) {
   int64_t low[D];
-  const bool in_range = stencil_cell(pos, in_size, low, s.frac);
+  const bool in_range = stencil_cell(base, shift, in_size, low, s.frac);
   for (int c = 0; c < Stencil<D, coord_t>::kCorners; ++c) {
     int64_t index;
     coord_t weight;
@@ -245,9 +253,10 @@ DCN_HOST_DEVICE coord_t load_sample_point(const ConvGeometry<D>& geo, const scal
                                           int64_t b, int64_t g, int64_t k, int64_t l, Stencil<D, coord_t>& s) {
   const int64_t L = geo.out_plane;
   const int64_t row = point_row(geo, b, g, k);
-  coord_t pos[D];
-  sample_position(geo, l, k, offset + row * D * L + l, L, pos);
-  build_stencil(pos, geo.in_size, s);
+  int64_t base[D];
+  coord_t shift[D];
+  sample_position(geo, l, k, offset + row * D * L + l, L, base, shift);
+  build_stencil(base, shift, geo.in_size, s);
   return mask ? static_cast<coord_t>(mask[row * L + l]) : coord_t(1);
 }
 

@@ -91,6 +91,45 @@ def test_sample_positions_beyond_256_are_computed_in_fp32(dtype):
     assert error > 10 * HALF_REL[dtype] * expected_output.abs().max()
 
 
+# Max error relative to the largest reference value, fp32 included (fp32 accumulation, one rounding).
+REL = {torch.float32: 2e-5, **HALF_REL}
+
+
+def _tiny_offsets_at_large_positions_case(dtype, device):
+    """1D input of 20000 samples, 32 channels (the fused CUDA kernels' smallest step); every offset
+    a few units of 2^-14 either side of zero, exact in every dtype. In fp32, base + offset rounds to
+    base for base >= 2048 (spacing 2^-12 and wider), which puts the points just below an integer in
+    the cell above it: their offset gradients would take the slope of the wrong cell."""
+    case = make_case(1, dtype, batch=1, in_channels=32, out_channels=8, in_size=20000, kernel=3, padding=1, seed=310)
+    generator = torch.Generator().manual_seed(311)
+    units = torch.randint(1, 6, case.offset.shape, generator=generator, dtype=torch.float64)
+    sign = torch.where(torch.rand(case.offset.shape, generator=generator) < 0.5, -1.0, 1.0)
+    return replace(case, offset=(sign * units * 2.0**-14).to(dtype)).to(device=device)
+
+
+@pytest.mark.parametrize("path", ["fused", "im2col"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+def test_tiny_offsets_at_large_positions_take_the_exact_cell(dtype, device, path, monkeypatch):
+    """The kernels keep the sample position as its integer part and the offset (cell base +
+    floor(offset), fraction offset - floor(offset)) instead of summing them in fp32; against the
+    float64 reference on every path (DCNLAB_CUDA_PATH: CUDA's fused and column paths; the CPU has
+    one)."""
+    if device == "cpu" and path == "fused":
+        pytest.skip("one CPU path")
+    monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
+    case = _tiny_offsets_at_large_positions_case(dtype, device)
+    positions = _positions(case.to(device="cpu"))
+    below = positions < torch.round(positions)  # just below an integer: the cell under it
+    assert (below & (positions > 2048)).float().mean() > 0.3
+    assert ((positions.float().double() != positions) & (positions > 2048)).float().mean() > 0.6  # fp32 rounds
+    grad_output = random_grad_output(case)
+    output, grads = run_with_grads(deform_conv, case, grad_output)
+    expected_output, expected_grads = _reference_with_grads(case.to(device="cpu"), grad_output.cpu())
+    assert_close_to_scale(output, expected_output, REL[dtype], "output")
+    assert_grads_close(grads, expected_grads, REL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dims", [1, 2, 3])

@@ -197,20 +197,15 @@ __device__ __forceinline__ void kernel_displacement(const ConvGeometry<D>& geo, 
   }
 }
 
-// A sample point's position from its origin, displacement and raw offsets: the same arithmetic
-// as sample_position() in sampling.h, without the divisions.
-template <int D>
-__device__ __forceinline__ void position_at(const int64_t (&origin)[D], const int64_t (&displacement)[D],
-                                            const float* raw, float (&pos)[D]) {
-  for (int a = 0; a < D; ++a) pos[a] = static_cast<float>(origin[a] + displacement[a]) + raw[a];
-}
-
+// A sample point's stencil from its origin, displacement and raw offsets: the same arithmetic as
+// sample_position() in sampling.h (integer part and offset kept apart), without the divisions.
 template <int D>
 __device__ __forceinline__ void stencil_at(const ConvGeometry<D>& geo, const int64_t (&origin)[D],
-                                           const int64_t (&displacement)[D], const float* raw, Stencil<D, float>& s) {
-  float pos[D];
-  position_at(origin, displacement, raw, pos);
-  build_stencil(pos, geo.in_size, s);
+                                           const int64_t (&displacement)[D], const float (&raw)[D],
+                                           Stencil<D, float>& s) {
+  int64_t base[D];
+  for (int a = 0; a < D; ++a) base[a] = origin[a] + displacement[a];
+  build_stencil(base, raw, geo.in_size, s);
 }
 
 // Opts `kernel` into `bytes` of dynamic shared memory (above the 48 KiB default) on the current
@@ -473,14 +468,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     float frac[D] = {};
     bool in_range = false;
     if (row_valid) {
-      int64_t origin[D], displacement[D];
+      // The integer part of the sample position and its offset, apart (see sample_position()).
+      int64_t base[D];
+      float shift[D];
       for (int a = 0; a < D; ++a) {
-        origin[a] = smem.row_origin[a][build_row];
-        displacement[a] = c.coord[a] * geo.dilation[a];
+        base[a] = smem.row_origin[a][build_row] + c.coord[a] * geo.dilation[a];
+        shift[a] = raw[a];
       }
-      float pos[D];
-      position_at(origin, displacement, raw, pos);
-      in_range = stencil_cell(pos, geo.in_size, low, frac);
+      in_range = stencil_cell(base, shift, geo.in_size, low, frac);
     }
     const float modulation = row_valid ? raw[D] : 0.0f;
     const int64_t sample = smem.row_sample[build_row];

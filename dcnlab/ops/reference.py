@@ -53,17 +53,21 @@ def deform_conv_reference(
     # Undeformed sampling grid p0 = out * stride - pad + k * dil: (K, L, d).
     kernel_grid = _grid(kernel, device) * torch.tensor(dilation, device=device)
     out_grid = _grid(out_size, device) * torch.tensor(stride, device=device) - torch.tensor(padding, device=device)
-    base = (kernel_grid[:, None, :] + out_grid[None, :, :]).to(coord_dtype)
+    base = kernel_grid[:, None, :] + out_grid[None, :, :]  # (K, L, d), integer
     displacement = offset.to(coord_dtype).reshape(batch, offset_groups, kernel_points, dims, out_plane)
-    displacement = displacement.transpose(-1, -2)
-    position = base + displacement  # (B, G, K, L, d)
+    displacement = displacement.transpose(-1, -2)  # (B, G, K, L, d)
 
-    size = torch.tensor(in_size, device=device, dtype=coord_dtype)
-    in_range = ((position > -1) & (position < size)).all(dim=-1)  # False for NaN too
-    position = torch.where(in_range[..., None], position, torch.zeros_like(position))
-    low = torch.floor(position)
-    frac = position - low
-    low = low.long()
+    # The sample position is base + displacement, kept as the integer base and the offset (the
+    # kernels' arithmetic, sampling.h): the cell is base + floor(displacement) and the fraction
+    # displacement - floor(displacement), exact, where a float32 sum would round for large base.
+    size = torch.tensor(in_size, device=device)
+    in_range = ((displacement > (-1 - base).to(coord_dtype)) & (displacement < (size - base).to(coord_dtype))).all(
+        dim=-1
+    )  # False for NaN too
+    displacement = torch.where(in_range[..., None], displacement, torch.zeros_like(displacement))
+    cell = torch.floor(displacement)
+    frac = displacement - cell
+    low = base + cell.long()
 
     planes = input.reshape(batch, offset_groups, per_offset_group, math.prod(in_size))
     in_size_t = torch.tensor(in_size, device=device)
