@@ -76,24 +76,28 @@ DCN_HOST_DEVICE void sample_position(const ConvGeometry<D>& geo, int64_t out_ind
 }
 
 // The cell of the sample point base + shift: its lower corner and position within the cell along
-// each axis, from floor(shift), so exact whatever the size of base (see sample_position). Returns
-// false for a point outside (-1, size) along any axis, or with a non-finite coordinate: it
-// contributes nothing, and neither does its gradient. The range test (shift against
-// -1 - base and size - base, exact below 2^24 in fp32) comes before any float-to-int conversion,
-// so huge or NaN coordinates never reach one.
+// each axis. The cell is base + floor(shift) and the fraction shift - floor(shift), both exact (the
+// cell an integer in coord_t, exact below 2^24 in fp32), so they are those of the exact sum,
+// whatever the size of base (see sample_position). Returns false for a point outside (-1, size)
+// along any axis, or with a non-finite coordinate (a NaN or infinite cell fails the range test):
+// it contributes nothing, and neither does its gradient. The range test comes before any
+// float-to-int conversion, so huge or NaN coordinates never reach one.
 template <int D, typename coord_t>
 DCN_HOST_DEVICE bool stencil_cell(const int64_t (&base)[D], const coord_t (&shift)[D], const int64_t (&in_size)[D],
                                   int64_t (&low)[D], coord_t (&frac)[D]) {
+  coord_t cell[D];
   bool in_range = true;
   for (int a = 0; a < D; ++a) {
-    in_range = in_range && (shift[a] > static_cast<coord_t>(-1 - base[a])) &&
-               (shift[a] < static_cast<coord_t>(in_size[a] - base[a]));
+    const coord_t fl = floor(shift[a]);
+    frac[a] = shift[a] - fl;
+    cell[a] = static_cast<coord_t>(base[a]) + fl;
+    // cell + frac > -1 and < size, frac in [0, 1) (bitwise: no branches).
+    in_range = in_range & (cell[a] >= coord_t(-1)) & (cell[a] < static_cast<coord_t>(in_size[a])) &
+               ((cell[a] > coord_t(-1)) | (frac[a] > coord_t(0)));
   }
   for (int a = 0; a < D; ++a) {
     if (in_range) {
-      const coord_t fl = floor(shift[a]);
-      low[a] = base[a] + static_cast<int64_t>(fl);
-      frac[a] = shift[a] - fl;
+      low[a] = static_cast<int64_t>(cell[a]);
     } else {
       low[a] = 0;
       frac[a] = 0;

@@ -641,3 +641,27 @@ def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dim
     for name in GRAD_NAMES:
         if name in plain:
             assert_close_to_scale(rotated[name], plain[name], rounding, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fused_backward_with_tile_queues_matches_fixed_walks(dims, dtype, monkeypatch):
+    """The fused backward's blocks take their position tiles from one counter per (kernel point,
+    chunk) (DCNLAB_BWD_QUEUE=0: fixed walks of ceil(tiles / splits) each). Enough tiles that blocks
+    take several (on a 132-SM card with two blocks per SM: 188 tiles for 60 blocks per counter in
+    1-D, 120 for 60 in 2-D and for 20 in 3-D, about half of them resident at once); against the float64
+    reference, and the gradients of both agree up to the order of their fp32 sums (the bias gradient
+    included: with a queue its tiles are dealt by tile, not by walk)."""
+    monkeypatch.setenv("DCNLAB_BWD_QUEUE", "1")
+    in_size = {1: (12000,), 2: (96, 80), 3: (24, 20, 16)}[dims]
+    case = make_case(dims, seed=24, batch=2, in_channels=64, out_channels=48, padding=1, in_size=in_size)
+    check_fused_backward(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    grad_output = random_grad_output(cuda_case)
+    queued = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    monkeypatch.setenv("DCNLAB_BWD_QUEUE", "0")
+    fixed = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    rounding = 2 * torch.finfo(dtype).eps
+    for name in GRAD_NAMES:
+        if name in fixed:
+            assert_close_to_scale(queued[name], fixed[name], rounding, f"grad {name}")

@@ -93,6 +93,7 @@ struct alignas(128) BackwardShared {
   __align__(32) uint16_t columns[kBackwardBM * kLdChannels];  // (position, channel)
   __align__(32) float grad_columns[kBackwardBM * kLdGrad];  // (position, channel)
   TilePoints<D> points;
+  int64_t next_walk;  // with a tile queue: the block's next walk, published by thread 0
 };
 
 // Pointers of one launch (a chunk of n samples starting at b0). Null: not wanted.
@@ -125,6 +126,10 @@ struct BackwardArgs {
   // The blocks of kernel point k start their walk over the position tiles k * tile_rotate tiles
   // further on (0: every kernel point walks the same tiles at the same time; see backward()).
   int64_t tile_rotate = 0;
+  // Null: split s walks s, s + splits, ... Else one counter per blockIdx.x (conv group, kernel point,
+  // chunk), zeroed: the blocks of a blockIdx.x take their walks from it one after the other, so a
+  // block slowed by its neighbours takes fewer tiles instead of finishing last (see backward()).
+  unsigned* tile_queue = nullptr;
 };
 
 // Whether a backward kernel computes the bias gradient (BackwardArgs::bias_part): one tile of output
@@ -270,10 +275,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int64_t tiles = (M + BM - 1) / BM;
   const int64_t rotation = args.tile_rotate > 0 ? (static_cast<int64_t>(k) * args.tile_rotate) % tiles : 0;
-  for (int64_t walk = blockIdx.y; walk < tiles; walk += gridDim.y) {
+  // With a tile queue thread 0 fetches the block's next walk while the block works on the current
+  // one and publishes it at the tile's end (the loop's first barrier makes it visible).
+  unsigned* const queue = args.tile_queue ? args.tile_queue + blockIdx.x : nullptr;
+  if (queue && tid == 0) smem.next_walk = atomicAdd(queue, 1u);
+  bool any_tile = false;  // a block that took none adds nothing to the weight gradient
+  for (int64_t walk = blockIdx.y;; walk += gridDim.y) {
+    __syncthreads();  // the previous tile is consumed (and the next walk published)
+    if (queue) walk = smem.next_walk;
+    if (walk >= tiles) break;
+    any_tile = true;
+    const unsigned fetched = queue && tid == 0 ? atomicAdd(queue, 1u) : 0u;
     const int64_t tile = walk + rotation < tiles ? walk + rotation : walk + rotation - tiles;
     const int64_t m0 = tile * BM;
-    __syncthreads();  // the previous tile is consumed
     // 1. Grad-output tile (the first output-channel tile of the launch) and, with several
     // tiles, its weight slice.
     load_grad_out(tile_begin, m0);
@@ -476,9 +490,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 4. Weight gradient += grad-output tile (BN x BM) @ columns (BM x CH).
     if (want_columns && weight_row < tile_end(last_tile)) {
       // Unrotated, a split's i-th tile goes to turn i % bias_period (the blocks of a split walk the
-      // same tiles): every turn of a split gets its share. Rotated walks give the blocks of a split
-      // different tiles, so the turn is then tile % bias_period: one block per tile either way.
-      const int64_t turn_key = args.tile_rotate > 0 ? tile : walk / gridDim.y;
+      // same tiles): every turn of a split gets its share. Rotated walks or a tile queue give the
+      // blocks of a split different tiles, so the turn is then tile % bias_period: one block per
+      // tile either way.
+      const int64_t turn_key = args.tile_rotate > 0 || queue ? tile : walk / gridDim.y;
       const bool bias_tile = bias_warp && static_cast<unsigned>(turn_key % args.bias_period) == bias_turn;
       for (int p0 = 0; p0 < BM; p0 += 16) {
         unsigned a[4];
@@ -493,6 +508,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
     }
+    // Every thread read next_walk before this tile's barriers.
+    if (queue && tid == 0) smem.next_walk = fetched;
   }
   copy_async_wait_all();  // a block without tiles still issued the weight-slice copies
   if (bias_warp && lane % 4 == 0) {
@@ -503,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (co < out_per_group) row[co] = bias_acc[2 * half];
     }
   }
-  if (want_columns) {
+  if (want_columns && any_tile) {
     for (int n = 0; n < kTiles; ++n) {
       for (int half = 0; half < 2; ++half) {
         float2* target =
@@ -613,14 +630,29 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     const int64_t blocks_x = geo.groups * geo.kernel_points * (in_per_group / chunk_channels);
     const int64_t wave = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * int64_t(blocks_per_sm);
     const int64_t tiles = (chunk * geo.out_plane + kBackwardBM - 1) / kBackwardBM;
-    const int64_t splits = choose_splits(blocks_x, wave, tiles);
+    // Tile queues (BackwardArgs::tile_queue): the blocks of a (group, kernel point, chunk) take
+    // tiles from its counter as they finish the last, instead of ceil(tiles / splits) fixed tiles
+    // each, and there are about two waves of blocks: those that start after the first wave help
+    // the counters that still have tiles (and leave at once where none are left), so no SM waits
+    // for the slowest kernel point. DCNLAB_BWD_QUEUE=0 / 1 turns them off / on (A/B timing).
+    const bool queued = !env_is("DCNLAB_BWD_QUEUE", "0");
+    const int64_t splits = queued ? std::min<int64_t>({tiles, 65535, 2 * ((wave + blocks_x - 1) / blocks_x)})
+                                  : choose_splits(blocks_x, wave, tiles);
+    const int64_t launches = (geo.batch + chunk - 1) / chunk;
+    // One set of counters per launch: per chunk of samples, out_tiles launches at most (the
+    // weight-only launches of tiles 0 .. out_tiles - 2 and the sampling launch, which takes the last).
+    at::Tensor queue;
+    if (queued) queue = at::zeros({launches, out_tiles, blocks_x}, input.options().dtype(at::kInt));
+    auto queue_of = [&](int64_t b0, int t) -> unsigned* {
+      if (!queued) return nullptr;
+      return reinterpret_cast<unsigned*>(queue.mutable_data_ptr<int>()) + ((b0 / chunk) * out_tiles + t) * blocks_x;
+    };
     const int64_t weight_rows_per_group = int64_t(out_tiles) * block_n;
     at::Tensor weight_part;
     if (need_weight) weight_part = at::zeros({geo.groups, weight_rows_per_group, R}, options);
     // The bias gradient in the weight-gradient product where the kernel has it (fuses_bias()).
     const bool fused_bias = need_bias && need_weight && kernel_sums_bias;
     const int64_t bias_period = geo.kernel_points * (in_per_group / chunk_channels);
-    const int64_t launches = (geo.batch + chunk - 1) / chunk;
     at::Tensor bias_part;
     if (fused_bias) bias_part = at::empty({launches * splits * bias_period, geo.out_channels}, options);
     // Walks rotated by kernel point: the blocks of the K kernel points then work on tiles about
@@ -644,7 +676,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       // A view of a channels-last chunk keeps the caller's pointer (fusable() checks it for the
       // whole input only: a one-sample chunk can be channels-last where the input is not).
       if (reinterpret_cast<uintptr_t>(input_chunk.const_data_ptr()) % 16 != 0) input_chunk = input_chunk.clone();
-      if (need_input) grad_input_buffer.narrow(0, 0, n).zero_();
+      if (need_input) layout_copy::zero(grad_input_buffer.narrow(0, 0, n));
       const BackwardArgs<scalar_t> columns_only{input_chunk.const_data_ptr<scalar_t>(),
                                                 offset.const_data_ptr<scalar_t>(),
                                                 mask ? mask->const_data_ptr<scalar_t>() : nullptr,
@@ -671,6 +703,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
       for (int t = 0; t < weight_only; ++t) {
         BackwardArgs<scalar_t> args = columns_only;
         args.tile_begin = t;
+        args.tile_queue = queue_of(b0, t);
         launch(args);
       }
       if (need_sampling) {
@@ -681,6 +714,7 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
         args.grad_offset_sum = offset_sum.defined() ? offset_sum.mutable_data_ptr<float>() : nullptr;
         args.grad_mask_sum = mask_sum.defined() ? mask_sum.mutable_data_ptr<float>() : nullptr;
         args.tile_count = out_tiles;
+        args.tile_queue = queue_of(b0, out_tiles - 1);
         launch(args);
       }
       if (need_input) layout.store_grad_input(grad_input, b0, n, grad_input_buffer);
