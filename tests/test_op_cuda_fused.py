@@ -622,8 +622,8 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dims, dtype, monkeypatch):
     """In 1-D and 2-D the fused backward's blocks of kernel point k start their walk over the position
-    tiles k * tiles / K tiles on (DCNLAB_BWD_ROTATE=0 turns it off). Enough tiles that the blocks walk
-    several each (on a 132-SM card: 188 tiles in 88 splits in 1-D, 30 in 15 in 2-D), so that walks wrap
+    tiles k * tiles / K tiles on (DCNLAB_BWD_ROTATE=0 turns it off). Enough tiles that the blocks take
+    several (188 tiles in 1-D, 30 in 2-D; walks 0 .. tiles - 1 from the tile queues), so that walks wrap
     around; against the float64 reference, and the gradients of both walks agree up to the order of
     their fp32 sums (the bias gradient included: its tiles are dealt out differently)."""
     monkeypatch.setenv("DCNLAB_BWD_ROTATE", "1")
