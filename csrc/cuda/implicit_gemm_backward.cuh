@@ -634,9 +634,14 @@ void backward(const ConvGeometry<D>& geo, const at::Tensor& input, const at::Ten
     // tiles from its counter as they finish the last, instead of ceil(tiles / splits) fixed tiles
     // each, and there are about two waves of blocks: those that start after the first wave help
     // the counters that still have tiles (and leave at once where none are left), so no SM waits
-    // for the slowest kernel point. DCNLAB_BWD_QUEUE=0 / 1 turns them off / on (A/B timing).
+    // for the slowest kernel point. DCNLAB_BWD_QUEUE=0 / 1 turns them off / on, DCNLAB_BWD_QUEUE_WAVES=n
+    // launches n waves' worth of blocks instead of 2 (A/B timing). Measured on H200 (docs/perf-notes.md,
+    // session 18): 1 wave is 3.5-4% slower than 2 in 3-D; 4 waves 0.8-1.6% faster in 3-D (not yet the
+    // default: the GPU tests ran with 2), and about equal in 1-D and 2-D.
     const bool queued = !env_is("DCNLAB_BWD_QUEUE", "0");
-    const int64_t splits = queued ? std::min<int64_t>({tiles, 65535, 2 * ((wave + blocks_x - 1) / blocks_x)})
+    const char* waves_variable = std::getenv("DCNLAB_BWD_QUEUE_WAVES");
+    const int64_t queue_waves = waves_variable ? std::max(1, std::atoi(waves_variable)) : 2;
+    const int64_t splits = queued ? std::min<int64_t>({tiles, 65535, queue_waves * ((wave + blocks_x - 1) / blocks_x)})
                                   : choose_splits(blocks_x, wave, tiles);
     const int64_t launches = (geo.batch + chunk - 1) / chunk;
     // One set of counters per launch: per chunk of samples, out_tiles launches at most (the
