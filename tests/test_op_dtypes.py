@@ -95,22 +95,32 @@ def test_sample_positions_beyond_256_are_computed_in_fp32(dtype):
 REL = {torch.float32: 2e-5, **HALF_REL}
 
 
-def _tiny_offsets_at_large_positions_case(dtype, device):
-    """1D input of 20000 samples, 32 channels (the fused CUDA kernels' smallest step); every offset
-    a few units of 2^-14 either side of zero, exact in every dtype. In fp32, base + offset rounds to
-    base for base >= 2048 (spacing 2^-12 and wider), which puts the points just below an integer in
-    the cell above it: their offset gradients would take the slope of the wrong cell."""
-    case = make_case(1, dtype, batch=1, in_channels=32, out_channels=8, in_size=20000, kernel=3, padding=1, seed=310)
+def _tiny_offsets_at_large_positions_case(dims, dtype, device):
+    """An input 20000 (1-D) or 4100 (2-D and 3-D) samples long along the last axis, 32 channels (the
+    fused CUDA kernels' smallest step); every offset a few units of 2^-14 either side of zero, exact
+    in every dtype. In fp32, base + offset rounds to base for base >= 2048 (spacing 2^-12 and wider),
+    which puts the points just below an integer in the cell above it: their offset gradients would
+    take the slope of the wrong cell."""
+    in_size = {1: (20000,), 2: (2, 4100), 3: (1, 2, 4100)}[dims]
+    case = make_case(dims, dtype, batch=1, in_channels=32, out_channels=8, in_size=in_size, padding=1, seed=310)
     generator = torch.Generator().manual_seed(311)
     units = torch.randint(1, 6, case.offset.shape, generator=generator, dtype=torch.float64)
     sign = torch.where(torch.rand(case.offset.shape, generator=generator) < 0.5, -1.0, 1.0)
     return replace(case, offset=(sign * units * 2.0**-14).to(dtype)).to(device=device)
 
 
+def _last_axis_positions(case):
+    """Sample positions along the last axis in float64: (B, offset groups, K, *out_size)."""
+    axis = case.dims - 1
+    offset = case.offset.double().cpu().reshape(case.offset.shape[0], -1, case.kernel_points, case.dims, *case.out_size)
+    return case.base_positions()[:, axis] + offset[:, :, :, axis]
+
+
 @pytest.mark.parametrize("path", ["fused", "im2col"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
-def test_tiny_offsets_at_large_positions_take_the_exact_cell(dtype, device, path, monkeypatch):
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_tiny_offsets_at_large_positions_take_the_exact_cell(dims, dtype, device, path, monkeypatch):
     """The kernels keep the sample position as its integer part and the offset (cell base +
     floor(offset), fraction offset - floor(offset)) instead of summing them in fp32; against the
     float64 reference on every path (DCNLAB_CUDA_PATH: CUDA's fused and column paths; the CPU has
@@ -118,11 +128,12 @@ def test_tiny_offsets_at_large_positions_take_the_exact_cell(dtype, device, path
     if device == "cpu" and path == "fused":
         pytest.skip("one CPU path")
     monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
-    case = _tiny_offsets_at_large_positions_case(dtype, device)
-    positions = _positions(case.to(device="cpu"))
-    below = positions < torch.round(positions)  # just below an integer: the cell under it
-    assert (below & (positions > 2048)).float().mean() > 0.3
-    assert ((positions.float().double() != positions) & (positions > 2048)).float().mean() > 0.6  # fp32 rounds
+    case = _tiny_offsets_at_large_positions_case(dims, dtype, device)
+    positions = _last_axis_positions(case)
+    large = positions > 2048
+    assert large.float().mean() > 0.4
+    assert (positions < torch.round(positions))[large].float().mean() > 0.4  # just below an integer
+    assert (positions.float().double() != positions)[large].float().mean() > 0.7  # fp32 rounds most of them
     grad_output = random_grad_output(case)
     output, grads = run_with_grads(deform_conv, case, grad_output)
     expected_output, expected_grads = _reference_with_grads(case.to(device="cpu"), grad_output.cpu())
