@@ -373,12 +373,11 @@ inline void from_channels_last(at::Tensor& target, const at::Tensor& source) {
 // Zeroes a tensor on the current stream: cudaMemsetAsync where it is contiguous (the fp32
 // grad_input buffers: 33.5 MB for B8 C64 128x128), zero_() otherwise.
 inline void zero(const at::Tensor& tensor) {
-  if (!tensor.is_contiguous()) {
-    at::Tensor view = tensor;
-    view.zero_();
-    return;
+  if (tensor.is_contiguous()) {
+    AT_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), at::cuda::getCurrentCUDAStream()));
+  } else {
+    tensor.zero_();
   }
-  AT_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), at::cuda::getCurrentCUDAStream()));
 }
 
 // The channels-last conversions of the driver's Layout (deform_conv_driver.h) for CUDA tensors.
