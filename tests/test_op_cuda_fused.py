@@ -618,6 +618,24 @@ def test_fused_forward_in_steps_of_64_channels_matches_steps_of_32(dims, dtype, 
     assert torch.equal(wide, narrow)
 
 
+def check_backward_switch_reorders_sums_only(case, dtype, variable, monkeypatch) -> None:
+    """With the fused backward's A/B switch `variable` on, the case against the float64 reference;
+    then the gradients with it on and off agree up to the order of their fp32 sums: the same terms
+    summed in another order, then rounded, at most about one unit of the dtype (a tile missed or
+    counted twice would be far more)."""
+    monkeypatch.setenv(variable, "1")
+    check_fused_backward(case, dtype)
+    cuda_case = case.to(dtype=dtype, device="cuda")
+    grad_output = random_grad_output(cuda_case)
+    switched_on = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    monkeypatch.setenv(variable, "0")
+    switched_off = run_with_grads(deform_conv, cuda_case, grad_output)[1]
+    rounding = 2 * torch.finfo(dtype).eps
+    for name in GRAD_NAMES:
+        if name in switched_off:
+            assert_close_to_scale(switched_on[name], switched_off[name], rounding, f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("dims", [1, 2])
 def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dims, dtype, monkeypatch):
@@ -626,21 +644,9 @@ def test_fused_backward_with_walks_rotated_by_kernel_point_matches_unrotated(dim
     several (188 tiles in 1-D, 30 in 2-D; walks 0 .. tiles - 1 from the tile queues), so that walks wrap
     around; against the float64 reference, and the gradients of both walks agree up to the order of
     their fp32 sums (the bias gradient included: its tiles are dealt out differently)."""
-    monkeypatch.setenv("DCNLAB_BWD_ROTATE", "1")
     in_size = {1: (12000,), 2: (48, 40)}[dims]
     case = make_case(dims, seed=23, batch=2, in_channels=64, out_channels=48, padding=1, in_size=in_size)
-    check_fused_backward(case, dtype)
-    cuda_case = case.to(dtype=dtype, device="cuda")
-    grad_output = random_grad_output(cuda_case)
-    rotated = run_with_grads(deform_conv, cuda_case, grad_output)[1]
-    monkeypatch.setenv("DCNLAB_BWD_ROTATE", "0")
-    plain = run_with_grads(deform_conv, cuda_case, grad_output)[1]
-    # The same fp32 terms summed in another order, then rounded: at most about one unit of the dtype
-    # (a tile missed or counted twice would be far more).
-    rounding = 2 * torch.finfo(dtype).eps
-    for name in GRAD_NAMES:
-        if name in plain:
-            assert_close_to_scale(rotated[name], plain[name], rounding, f"grad {name}")
+    check_backward_switch_reorders_sums_only(case, dtype, "DCNLAB_BWD_ROTATE", monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
@@ -652,16 +658,6 @@ def test_fused_backward_with_tile_queues_matches_fixed_walks(dims, dtype, monkey
     1-D, 120 for 60 in 2-D and for 20 in 3-D, about half of them resident at once); against the float64
     reference, and the gradients of both agree up to the order of their fp32 sums (the bias gradient
     included: with a queue its tiles are dealt by tile, not by walk)."""
-    monkeypatch.setenv("DCNLAB_BWD_QUEUE", "1")
     in_size = {1: (12000,), 2: (96, 80), 3: (24, 20, 16)}[dims]
     case = make_case(dims, seed=24, batch=2, in_channels=64, out_channels=48, padding=1, in_size=in_size)
-    check_fused_backward(case, dtype)
-    cuda_case = case.to(dtype=dtype, device="cuda")
-    grad_output = random_grad_output(cuda_case)
-    queued = run_with_grads(deform_conv, cuda_case, grad_output)[1]
-    monkeypatch.setenv("DCNLAB_BWD_QUEUE", "0")
-    fixed = run_with_grads(deform_conv, cuda_case, grad_output)[1]
-    rounding = 2 * torch.finfo(dtype).eps
-    for name in GRAD_NAMES:
-        if name in fixed:
-            assert_close_to_scale(queued[name], fixed[name], rounding, f"grad {name}")
+    check_backward_switch_reorders_sums_only(case, dtype, "DCNLAB_BWD_QUEUE", monkeypatch)
