@@ -116,17 +116,25 @@ def _last_axis_positions(case):
     return case.base_positions()[:, axis] + offset[:, :, :, axis]
 
 
-@pytest.mark.parametrize("path", ["fused", "im2col"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+# (dtype, device, DCNLAB_CUDA_PATH): the CPU's one path; CUDA's column path for every dtype and its
+# fused kernels, which take half types only.
+EXACT_CELL_PATHS = [
+    *[pytest.param(dtype, "cpu", "auto", id=f"{dtype}-cpu") for dtype in (torch.float32, *HALF_TYPES)],
+    *[
+        pytest.param(dtype, "cuda", "im2col", id=f"{dtype}-cuda-im2col", marks=pytest.mark.gpu)
+        for dtype in (torch.float32, *HALF_TYPES)
+    ],
+    *[pytest.param(dtype, "cuda", "fused", id=f"{dtype}-cuda-fused", marks=pytest.mark.gpu) for dtype in HALF_TYPES],
+]
+
+
+@pytest.mark.parametrize("dtype, device, path", EXACT_CELL_PATHS)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_tiny_offsets_at_large_positions_take_the_exact_cell(dims, dtype, device, path, monkeypatch):
     """The kernels keep the sample position as its integer part and the offset (cell base +
     floor(offset), fraction offset - floor(offset)) instead of summing them in fp32; against the
-    float64 reference on every path (DCNLAB_CUDA_PATH: CUDA's fused and column paths; the CPU has
-    one)."""
-    if device == "cpu" and path == "fused":
-        pytest.skip("one CPU path")
+    float64 reference on every path (DCNLAB_CUDA_PATH: CUDA's fused and column paths, the fused one
+    checked to have run; the CPU has one)."""
     monkeypatch.setenv("DCNLAB_CUDA_PATH", path)
     case = _tiny_offsets_at_large_positions_case(dims, dtype, device)
     positions = _last_axis_positions(case)
@@ -135,7 +143,15 @@ def test_tiny_offsets_at_large_positions_take_the_exact_cell(dims, dtype, device
     assert (positions < torch.round(positions))[large].float().mean() > 0.4  # just below an integer
     assert (positions.float().double() != positions)[large].float().mean() > 0.7  # fp32 rounds most of them
     grad_output = random_grad_output(case)
-    output, grads = run_with_grads(deform_conv, case, grad_output)
+    if path == "fused":  # and the fused kernels ran, not the column path that would pass too
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            output, grads = run_with_grads(deform_conv, case, grad_output)
+            torch.cuda.synchronize()
+        names = {event.name for event in prof.events()}
+        for kernel in ("forward_kernel", "backward_kernel"):
+            assert any("implicit_gemm" in name and kernel in name for name in names), names
+    else:
+        output, grads = run_with_grads(deform_conv, case, grad_output)
     expected_output, expected_grads = _reference_with_grads(case.to(device="cpu"), grad_output.cpu())
     assert_close_to_scale(output, expected_output, REL[dtype], "output")
     assert_grads_close(grads, expected_grads, REL[dtype])
